@@ -1,0 +1,1 @@
+"""The explainability engine: attention capture, relevance propagation, task normalisations, token spans."""

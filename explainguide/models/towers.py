@@ -1,0 +1,35 @@
+"""Tower forwards the stock open_clip API lacks: the text tower from token embeddings (learned prompts)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module holding token_embedding/positional_embedding/transformer/ln_final (CLIP or CustomTextCLIP)."""
+    return model.text if hasattr(model, "text") else model
+
+
+def token_embeddings(model: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) ids -> (B, L, width) input embeddings, before positional embedding."""
+    tower = text_tower(model)
+    return tower.token_embedding(token_ids)
+
+
+def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Text features (B, E) from input embeddings (B, L, width); `token_ids` (B, L) only locate the EOT (argmax).
+
+    Same computation as open_clip's `encode_text` (argmax pooling), so `encode_text_embeddings(m,
+    token_embeddings(m, t), t) == m.encode_text(t)`.
+    """
+    tower = text_tower(model)
+    cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else embeddings.dtype
+    x = embeddings.to(cast) + tower.positional_embedding.to(cast)
+    x = tower.transformer(x, attn_mask=tower.attn_mask)
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
+    projection = tower.text_projection
+    if projection is None:
+        return x
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
