@@ -384,3 +384,23 @@ def scaled_token_weights(selection: WordSelection) -> torch.Tensor:
     scaled = (values - low) / (high - low) if high > low else (values != 0).to(values.dtype)
     weights[words] = scaled
     return weights
+
+
+def class_prompt_tokens(
+    tokenizer: Any, template: str, classnames: Sequence[str], context_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (C, L) of `template` filled with each class name, and a mask (C, L) of the name's tokens.
+
+    The CLIP tokenizer splits words before BPE, so a name's tokens appear as one run inside the prompt.
+    """
+    ids = tokenize(tokenizer, [template.format(name) for name in classnames], context_length)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for row, name in enumerate(classnames):
+        name_ids, prompt = tokenizer.encode(name), ids[row].tolist()
+        for start in range(1, len(prompt) - len(name_ids) + 1):
+            if prompt[start : start + len(name_ids)] == name_ids:
+                mask[row, start : start + len(name_ids)] = True
+                break
+        else:
+            raise ValueError(f"class name {name!r} was cut from template {template!r}; shorten the template")
+    return ids, mask

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +21,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-# Models whose architecture json and weights ship inside the package (`pretrained: bundled`).
-BUNDLED_MODELS = {"toy_clip": "explainguide.models.toy"}
+# Models whose architecture json and weights ship inside the package (`pretrained: bundled`): name -> folder.
+BUNDLED_MODELS = {"toy_clip": Path(__file__).parent / "toy"}
 
 
 class ModelLoadError(RuntimeError):
@@ -63,7 +62,7 @@ def resolve_device(device: str) -> torch.device:
 
 def register_bundled(name: str) -> Path:
     """Register a bundled architecture json with open_clip and return the folder holding its weights."""
-    folder = Path(str(resources.files(BUNDLED_MODELS[name])))
+    folder = BUNDLED_MODELS[name]
     open_clip.add_model_config(folder / f"{name}.json")
     return folder
 

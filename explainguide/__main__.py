@@ -1,0 +1,3 @@
+from explainguide.app import main
+
+main()

@@ -1,0 +1,60 @@
+"""The Hydra entry point: compose config -> RunContext -> task.run(cfg, ctx); print the output dir last."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from explainguide.runtime import RunContext, resolve_user_paths, seed_everything, validate
+
+log = logging.getLogger("explainguide")
+
+
+def context_from_hydra(cfg: DictConfig) -> RunContext:
+    """The only place that reads HydraConfig."""
+    hydra_cfg = HydraConfig.get()
+    overrides = [o for o in hydra_cfg.overrides.task]
+    experiment = hydra_cfg.runtime.choices.get("experiment")
+    sweep = Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None
+    return RunContext(
+        output_dir=Path(hydra_cfg.runtime.output_dir),
+        launch_dir=Path(hydra_cfg.runtime.cwd),
+        name=",".join(overrides) or cfg.task.name,
+        group=experiment or sweep or cfg.task.name,
+        tags=list(cfg.tags),
+    )
+
+
+def run_task(cfg: DictConfig, ctx: RunContext) -> dict:
+    """Validate, resolve paths, seed, and call the task's runner. Usable from tests with the compose API."""
+    logging.getLogger("explainguide").setLevel(cfg.log_level)
+    resolve_user_paths(cfg, ctx.launch_dir)
+    validate(cfg)
+    if cfg.log_level == "DEBUG":
+        log.debug("resolved config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    seed_everything(cfg.seed)
+    runner = instantiate(cfg.task.runner)
+    return runner(cfg, ctx)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    ctx = context_from_hydra(cfg)
+    try:
+        run_task(cfg, ctx)
+    except Exception as err:
+        # Instantiation wraps the real error; show the cause. One clear line for the user; the traceback goes to the job log file in the output dir.
+        cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", type(cause).__name__, cause)
+        print(f"error: {cause}", file=sys.stderr)
+        print(ctx.output_dir)
+        raise SystemExit(1) from None
+    print(ctx.output_dir)

@@ -1,0 +1,60 @@
+"""What a task gets besides its config: where to write, where the user launched from, and who it is.
+
+Built once by the Hydra app from HydraConfig, or directly by tests; core code never reads Hydra's singleton.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+
+# Config keys that hold user paths; they are resolved against the launch directory, whatever hydra.job.chdir says.
+USER_PATH_KEYS = ("model.checkpoint", "model.cache_dir", "dataset.root", "task.image", "task.prompts_file")
+
+
+@dataclass
+class RunContext:
+    output_dir: Path
+    launch_dir: Path
+    name: str = "run"
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key, the value and the fix."""
+
+
+def resolve_user_paths(cfg: DictConfig, launch_dir: Path) -> None:
+    """Make every user path in USER_PATH_KEYS absolute against `launch_dir` (in place)."""
+    with open_dict(cfg):
+        for key in USER_PATH_KEYS:
+            value = OmegaConf.select(cfg, key, default=None)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+                OmegaConf.update(cfg, key, str(launch_dir / value))
+            elif isinstance(value, str) and value:
+                OmegaConf.update(cfg, key, str(Path(value).expanduser()))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need no model or data; one clear line per problem."""
+    for key in ("explainability", "similarity", "spatial", "l2"):
+        value = cfg.loss.get(key)
+        if value is not None and value < 0:
+            raise ConfigError(f"loss.{key}={value} is negative; weights must be >= 0 (0 turns the term off)")
+
+
+def seed_everything(seed: int | None) -> None:
+    if seed is None:  # `if seed:` would skip seed 0
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Task loops: each module has run(cfg, ctx) -> metrics and owns nothing but its loop."""

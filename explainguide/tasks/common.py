@@ -1,0 +1,39 @@
+"""Helpers every task uses: the recorder from config, the prompt list from config, the progress switch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from explainguide.runtime import ConfigError, RunContext
+from explainguide.tracking import RunRecorder
+
+
+def open_recorder(cfg: DictConfig, ctx: RunContext, job_type: str) -> RunRecorder:
+    wandb_cfg = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None
+    return RunRecorder(
+        ctx.output_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        wandb_cfg=wandb_cfg or None,
+        group=ctx.group,
+        name=ctx.name,
+        tags=ctx.tags,
+        job_type=job_type,
+    )
+
+
+def prompts_from_config(text, prompts_file: str | None) -> list[str]:
+    """task.text (a string or a list) plus one prompt per non-empty line of task.prompts_file (UTF-8)."""
+    prompts = [text] if isinstance(text, str) else list(text or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise ConfigError(f"task.prompts_file={prompts_file!r} does not exist; give a UTF-8 file, one prompt a line")
+        prompts += [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError("no prompt given; set task.text='...' or task.prompts_file=<file>")
+    for prompt in prompts:
+        if not str(prompt).strip():
+            raise ConfigError(f"empty prompt {prompt!r} in task.text/prompts_file; give non-empty text")
+    return [str(p) for p in prompts]
