@@ -7,10 +7,11 @@ the tokenizer. The learner reorders positions for the class token position and s
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from explainguide.explain.tokens import tokenize
-from explainguide.models.towers import token_embeddings
+from explainguide.models.towers import encode_text_embeddings, text_tower, token_embeddings
 
 CLASS_POSITIONS = ("end", "middle", "front")
 
@@ -94,3 +95,24 @@ class PromptLearner(nn.Module):
         ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(n_classes, -1, -1)
         source = torch.cat([self.prefix, ctx.to(self.prefix.dtype), self.suffix], dim=1)
         return source.gather(1, self.order[..., None].expand(-1, -1, source.shape[-1]))
+
+
+def decode_prompts(learner: PromptLearner, model: nn.Module) -> torch.Tensor:
+    """Token ids (C, L) of the assembled prompts, each context slot read back as its nearest vocabulary token.
+
+    Nearest by Euclidean distance to the token embedding table, as CoOp's interpret_prompt does; the other slots
+    keep their token ids. Freshly initialised from ctx_init, this gives back tokenize(ctx words + class + ".").
+    """
+    table = text_tower(model).token_embedding.weight.detach().float()
+    flat = learner.ctx.detach().float().reshape(-1, table.shape[1])
+    nearest = torch.cat([torch.cdist(rows, table).argmin(dim=-1) for rows in flat.split(256)])  # 256 x vocab at a time
+    n_classes = learner.order.shape[0]
+    nearest = nearest.reshape(-1, learner.n_ctx).expand(n_classes, -1)  # shared ctx: one row for every class
+    source = torch.cat([learner.source_ids[:, :1], nearest, learner.source_ids[:, 1 + learner.n_ctx :]], dim=1)
+    return source.gather(1, learner.order)
+
+
+def class_logits(model: nn.Module, prompts: torch.Tensor, token_ids: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+    """logit_scale·cos (B, C) of image features (B, E) against prompt embeddings (C, L, width), no relevance."""
+    text_features = F.normalize(encode_text_embeddings(model, prompts, token_ids), dim=-1)
+    return model.logit_scale.exp() * F.normalize(image_features, dim=-1) @ text_features.T

@@ -125,8 +125,9 @@ def _model_from_tag(name: str, pretrained: str, cache_dir: str | None) -> torch.
         where = cache_dir or "the Hugging Face / open_clip default cache (~/.cache)"
         raise ModelLoadError(
             f"could not load pretrained weights {name}/{pretrained} (looked in {where}, then the hub): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Offline? download them on a "
-            "machine with network, or point model.checkpoint at a local .safetensors/.pt file"
+            f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''} -- offline? download them on "
+            "a machine with network (or set HF_HUB_OFFLINE=1 to fail fast), or point model.checkpoint at a local "
+            ".safetensors/.pt file"
         ) from err
 
 

@@ -64,6 +64,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
                 recorder.log({"explain/similarity": similarity}, step=image_index * len(prompts) + prompt_index)
         recorder.table("word_scores", ["image", "prompt", "word", "score"], rows)
         metrics = {"explain/mean_similarity": sum(similarities) / len(similarities),
-                   "explain/n_images": len(paths), "explain/n_prompts": len(prompts), "model_source": bundle.source}
+                   "explain/n_images": len(paths), "explain/n_prompts": len(prompts), "model_source": bundle.source,
+                   "prompts": prompts}
         recorder.summary(metrics)
     return metrics

@@ -1,0 +1,134 @@
+"""task=evaluate: test learned prompts (saved by task=prompt_learning) on a dataset split.
+
+Also the one home of the learned-prompts file (`save_prompts`, `load_prompts`) and of the evaluation both tasks
+run (`evaluate_prompts`, `record_evaluation`), so re-loading a run's prompts reproduces its test numbers exactly:
+    explainguide task=evaluate task.prompts=outputs/prompt_learning/<run>/prompts.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+
+from explainguide.data import build_dataset
+from explainguide.explain.class_scores import class_name_scores
+from explainguide.prompts import PromptLearner, class_logits
+from explainguide.runtime import ConfigError, RunContext
+from explainguide.tasks.common import open_recorder
+from explainguide.tasks.zero_shot import _image_features
+
+PROMPTS_FILE = "prompts.safetensors"
+_META_KEY = "explainguide"
+# PromptLearner arguments stored with the ctx; with the model they rebuild the same prompts.
+LEARNER_KEYS = ("classnames", "n_ctx", "ctx_init", "class_token_position", "class_specific")
+
+
+def save_prompts(path: Path, learner: PromptLearner, ctx_init: str | None, meta: dict) -> None:
+    """ctx (fp32) plus the learner's arguments and `meta` (JSON) in one safetensors file, replaced atomically."""
+    learner_args = {
+        "classnames": learner.classnames, "n_ctx": learner.n_ctx, "ctx_init": ctx_init,
+        "class_token_position": learner.class_token_position, "class_specific": learner.ctx.dim() == 3,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"ctx": learner.ctx.detach().float().cpu().contiguous()}, str(tmp),
+              metadata={_META_KEY: json.dumps({**learner_args, **meta})})
+    os.replace(tmp, path)
+
+
+def load_prompts(path: str | Path, bundle) -> tuple[PromptLearner, dict]:
+    """The learner saved at `path` (a prompts file or the run dir holding one), on `bundle`'s model, and its meta."""
+    path = Path(path)
+    path = path / PROMPTS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"task.prompts={str(path)!r} does not exist; give the {PROMPTS_FILE} (or the output dir) "
+                          "of a task=prompt_learning run")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = json.loads((handle.metadata() or {}).get(_META_KEY, "null"))
+        if meta is None:
+            raise ConfigError(f"task.prompts={str(path)!r} is not a learned-prompts file; give the {PROMPTS_FILE} "
+                              "written by task=prompt_learning")
+        ctx = handle.get_tensor("ctx")
+    learner = PromptLearner(bundle.model, bundle.tokenizer, bundle.context_length,
+                            **{key: meta[key] for key in LEARNER_KEYS})
+    if learner.ctx.shape != ctx.shape:
+        raise ConfigError(f"task.prompts={str(path)!r} holds ctx {tuple(ctx.shape)} but model {bundle.name} needs "
+                          f"{tuple(learner.ctx.shape)}; evaluate with the model the prompts were learned on "
+                          f"({meta['model']})")
+    with torch.no_grad():
+        learner.ctx.copy_(ctx)
+    return learner, meta
+
+
+def evaluate_prompts(model, learner: PromptLearner, features: torch.Tensor, labels: torch.Tensor,
+                     batch_size: int) -> dict:
+    """Top-1, per-class accuracy and mean class-name score (target logit(b, y_b)) of cached image features.
+
+    Returns acc1, mean_per_class_acc, class_name_score (floats), per_class_acc and per_class_count (lists of C).
+    """
+    prompts = learner().detach()
+    with torch.no_grad():
+        predictions = class_logits(model, prompts, learner.token_ids, features).argmax(dim=-1)
+    scores = []
+    for start in range(0, len(labels), batch_size):
+        chunk = labels[start : start + batch_size]
+        # Only the label prompts matter for the label score: pass them as the "classes" of this chunk (B text
+        # encodes instead of C); target b is then logit(b, b) = logit(b, y_b).
+        result = class_name_scores(model, features[start : start + batch_size], prompts[chunk],
+                                   learner.token_ids[chunk], learner.class_mask[chunk],
+                                   labels=torch.arange(len(chunk), device=chunk.device))
+        scores.append(result.scores.detach())
+    n_classes = prompts.shape[0]
+    hits = (predictions == labels).float()
+    count = torch.bincount(labels, minlength=n_classes)
+    per_class = torch.bincount(labels, weights=hits, minlength=n_classes) / count.clamp(min=1)
+    present = count > 0
+    return {
+        "acc1": hits.mean().item(),
+        "mean_per_class_acc": per_class[present].mean().item(),
+        "class_name_score": torch.cat(scores).mean().item(),
+        "per_class_acc": per_class.tolist(),
+        "per_class_count": count.tolist(),
+    }
+
+
+def record_evaluation(recorder, result: dict, classnames: list[str], split: str) -> dict:
+    """Summary values `<split>/acc1`, `<split>/mean_per_class_acc`, `<split>/class_name_score` and a per-class table."""
+    rows = [[name, n, round(acc, 4)] for name, n, acc in
+            zip(classnames, result["per_class_count"], result["per_class_acc"])]
+    recorder.table(f"{split}_per_class", ["class", "n_images", "acc1"], rows)
+    metrics = {f"{split}/{key}": result[key] for key in ("acc1", "mean_per_class_acc", "class_name_score")}
+    recorder.summary(metrics)
+    return metrics
+
+
+def split_features(cfg: DictConfig, bundle, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Frozen image features (N, E) fp32, labels (N,) and classnames of one split of cfg.dataset."""
+    dataset = build_dataset(split=split, preprocess=bundle.preprocess, **cfg.dataset)
+    loader = DataLoader(dataset, batch_size=cfg.task.encode_batch_size, num_workers=cfg.task.num_workers)
+    features, labels = _image_features(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
+    return features, labels, list(dataset.classnames)
+
+
+def run(cfg: DictConfig, ctx: RunContext) -> dict:
+    task = cfg.task
+    bundle = instantiate(cfg.model)
+    bundle.model.requires_grad_(False)
+    learner, meta = load_prompts(task.prompts, bundle)
+    features, labels, classnames = split_features(cfg, bundle, task.split)
+    if [name.replace("_", " ") for name in classnames] != learner.classnames:
+        raise ConfigError(f"dataset {cfg.dataset.name!r} has other classes than task.prompts={task.prompts!r} "
+                          f"(learned on {meta['dataset']!r}); evaluate on that dataset")
+    with open_recorder(cfg, ctx, job_type="evaluate") as recorder:
+        result = evaluate_prompts(bundle.model, learner, features, labels, task.encode_batch_size)
+        metrics = record_evaluation(recorder, result, learner.classnames, task.split)
+        metrics = {**metrics, "prompts": str(task.prompts), "learned_on": meta["dataset"], "model": meta["model"]}
+        recorder.summary(metrics)
+    return metrics

@@ -1,0 +1,145 @@
+"""The Hydra app: composition (checkout and installed package), end-to-end runs, multirun, quoting, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from explainguide.app import run_task
+from explainguide.runtime import ConfigError, RunContext
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "explainguide" / "conf"
+EXPLAINGUIDE = [sys.executable, "-m", "explainguide"]
+TRICKY_PROMPT = "a cat, sitting = happy: on a mat #1 — café 猫"
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_config(*overrides: str):
+    with initialize_config_module(version_base="1.3", config_module="explainguide.conf"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [f"{group}={option}" for group in ("model", "dataset", "task", "loss", "logger") for option in group_options(group)]
+    + [f"debug={option}" for option in group_options("debug")],
+)
+def test_every_config_option_composes(override):
+    cfg = compose_config(override)
+    OmegaConf.to_container(cfg.task, resolve=True)
+    assert cfg.task.runner._target_.startswith("explainguide.tasks.")
+
+
+def test_top_level_conf_is_the_package_conf():
+    assert (REPO / "conf").resolve() == CONF.resolve()
+
+
+def test_configs_compose_from_an_installed_wheel(tmp_path):
+    """Build the wheel, unpack it alone, and compose from it: the YAML must travel as package data."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("explainguide-*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = (
+        "from hydra import compose, initialize_config_module\n"
+        "import explainguide, sys\n"
+        f"assert explainguide.__file__.startswith({str(site)!r}), explainguide.__file__\n"
+        "with initialize_config_module(version_base='1.3', config_module='explainguide.conf'):\n"
+        "    cfg = compose(config_name='config', overrides=['task=explain', 'model=vit_b32_openai'])\n"
+        "print(cfg.model.name, cfg.task.name)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ViT-B-32", "explain"]
+    assert (site / "explainguide" / "models" / "toy" / "toy_clip.json").is_file()
+
+
+def run_cli(tmp_path: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    where = [f"hydra.sweep.dir={tmp_path / 'sweep'}"] if multirun else [f"hydra.run.dir={tmp_path / 'run'}"]
+    command = EXPLAINGUIDE + (["-m"] if multirun else []) + list(overrides) + where
+    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+
+
+def test_explain_run_writes_everything_and_prints_the_output_dir(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a blue square\nthe sky: blue, = #2\n", encoding="utf-8")
+    out = run_cli(tmp_path, "task=explain", "model=toy_random", "debug=default",
+                  f"task.text=[\"{TRICKY_PROMPT}\"]", "task.prompts_file=prompts.txt")
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "run"
+    assert out.stdout.strip().splitlines()[-1] == str(run_dir)
+    for name in (".hydra/config.yaml", "metrics.json", "metrics.jsonl", "summary.md", "word_scores.csv"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["status"] == "ok"
+    assert metrics["prompts"] == [TRICKY_PROMPT, "a blue square", "the sky: blue, = #2"]
+    pngs = sorted(p.name for p in (run_dir / "images").glob("*.png"))
+    assert len(pngs) == 6 and any("heatmap" in p for p in pngs) and any("tokens" in p for p in pngs)
+
+
+def test_quoted_prompt_reaches_the_program_byte_identical():
+    # Documented quoting: shell single quotes around key="value"; Hydra keeps , = : # and non-ASCII as is.
+    cfg = compose_config("task=explain", f'task.text="{TRICKY_PROMPT}"')
+    assert cfg.task.text == TRICKY_PROMPT
+    assert cfg.task.text.encode() == TRICKY_PROMPT.encode()
+
+
+def test_multirun_gives_one_folder_per_job(tmp_path):
+    out = run_cli(tmp_path, "task=explain", "model=toy_random", "debug=default", "task.target=cosine,scaled",
+                  multirun=True)
+    assert out.returncode == 0, out.stderr
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.json").exists())
+    assert [p.name for p in jobs] == ["0", "1"]
+    targets = {OmegaConf.load(p / ".hydra" / "config.yaml").task.target for p in jobs}
+    assert targets == {"cosine", "scaled"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=ViT-B-99"], "unknown model.name='ViT-B-99'"),
+        (["model=checkpoint", "model.checkpoint=missing.safetensors"], "missing.safetensors' does not exist"),
+        (["loss.explainability=-1"], "loss.explainability=-1"),
+        (["task.image_first_block=4"], "first_block=4 is outside the image tower's 4 blocks"),
+        (["task.text=[\"  \"]"], "empty prompt"),
+        (["task.image=no_such_dir"], "no_such_dir"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(tmp_path, overrides, message):
+    out = run_cli(tmp_path, "task=explain", "model=toy_random", "debug=default", *overrides)
+    assert out.returncode == 1
+    error_lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], out.stderr
+    metrics = tmp_path / "run" / "metrics.json"
+    if metrics.exists():  # a run that got as far as the recorder is marked failed, never left looking complete
+        assert json.loads(metrics.read_text())["status"] == "failed"
+
+
+def test_user_paths_resolve_against_the_launch_dir(tmp_path):
+    cfg = compose_config("task=explain", "model=toy_random", "debug=default", "task.image=pics/cat.png")
+    with pytest.raises(Exception) as err:
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+    assert cfg.task.image == str(tmp_path / "pics" / "cat.png")
+    assert str(tmp_path / "pics" / "cat.png") in str(err.value)
+
+
+def test_negative_lambda_is_rejected_before_any_work(tmp_path):
+    cfg = compose_config("loss.explainability=-0.5")
+    with pytest.raises(ConfigError, match=r"loss.explainability=-0.5 is negative"):
+        run_task(cfg, RunContext(output_dir=tmp_path, launch_dir=tmp_path))
+    assert not any(tmp_path.iterdir())
