@@ -1,55 +1,48 @@
 """One front door for classification datasets: `build_dataset(name, split, preprocess, ...)`.
 
-Every builder returns a torch Dataset of (image tensor, label) with `classnames` and `templates` attributes.
-A new dataset is one builder function here plus one YAML file in conf/dataset/.
+Every builder returns a `ClassificationDataset` of (image tensor, label) with `classnames`, `templates` and
+`labels`. A new dataset is one builder function here plus one YAML file in conf/dataset/; a builder's own
+config keys are its keyword parameters, and `build_dataset` passes them through and rejects any others.
+
+Keys every dataset config has (handled here, the same for every builder): name, root, seed, size, limit,
+templates, template_set (coop | imagenet80 | own), benchmark (a benchmarks.json entry: CoOp template and
+class-name fixes), classnames_file, split_map.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torchvision.transforms import Compose
 from torchvision.transforms.functional import to_pil_image
 
-from explainguide.data.templates import COMPARISON_TEMPLATES
+from explainguide.data.base import ClassificationDataset, DatasetError
+from explainguide.data.benchmarks import resolve_classnames, resolve_templates
+from explainguide.data.templates import COMPARISON_TEMPLATES, SIMPLE_TEMPLATES
 from explainguide.images import list_images, load_image
 
-
-class DatasetError(ValueError):
-    """A dataset could not be built; the message names the value and the fix."""
+__all__ = ["DATASETS", "ClassificationDataset", "DatasetError", "build_dataset"]
 
 
-class _Transformed(Dataset):
-    """Applies `transform` to the image of each (image, label) item; keeps classnames and templates."""
-
-    def __init__(self, base, transform: Callable, classnames: list[str], templates: list[str]):
-        self.base, self.transform, self.classnames, self.templates = base, transform, classnames, templates
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        image, label = self.base[index]
-        return self.transform(image), label
-
-
-def _build_shapes(split: str, preprocess: Callable, root: str | None, seed: int, size: int | None, **_):
+def _build_shapes(split: str, preprocess: Callable, root: str | None, seed: int, size: int | None):
     from explainguide.data.shapes import ShapesClassification
 
     base = ShapesClassification(split=split, n=size, seed=seed)
+    labels = [index % len(base.classnames) for index in range(len(base))]  # item i is class i % C, by design
     # Shapes images are [0, 1] tensors; going through PIL gives every model its own resize and normalisation.
-    return _Transformed(base, lambda image: preprocess(to_pil_image(image)), base.classnames, base.templates)
+    return ClassificationDataset(base, Compose([to_pil_image, preprocess]), base.classnames, base.templates, labels)
 
 
-class _ImageFolder(Dataset):
+class _ImageFolder(torch.utils.data.Dataset):
     def __init__(self, root: Path):
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
             raise DatasetError(f"dataset.root={str(root)!r} has no class sub-folders; use one folder per class")
         self.items = [(path, label) for label, name in enumerate(classes) for path in list_images(root / name)]
-        self.classnames = [name.replace("_", " ") for name in classes]
+        self.classnames = classes
 
     def __len__(self) -> int:
         return len(self.items)
@@ -59,17 +52,55 @@ class _ImageFolder(Dataset):
         return load_image(path), label
 
 
-def _build_image_folder(split: str, preprocess: Callable, root: str | None, templates: list[str] | None = None, **_):
+def _build_image_folder(split: str, preprocess: Callable, root: str | None, seed: int, size: int | None):
     if not root:
         raise DatasetError("dataset=image_folder needs dataset.root=<folder with one sub-folder per class>")
     folder = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
     if not folder.is_dir():
         raise DatasetError(f"dataset.root={str(root)!r} does not exist; point it at an image folder")
     base = _ImageFolder(folder)
-    return _Transformed(base, preprocess, base.classnames, list(templates or COMPARISON_TEMPLATES))
+    return ClassificationDataset(base, preprocess, base.classnames, list(COMPARISON_TEMPLATES),
+                                 [label for _, label in base.items])
 
 
-DATASETS: dict[str, Callable[..., Dataset]] = {"shapes": _build_shapes, "image_folder": _build_image_folder}
+def _build_hf(split: str, preprocess: Callable, root: str | None, seed: int, size: int | None,
+              hf_id: str | None = None, hf_config: str | None = None, image_column: str = "image",
+              label_column: str = "label"):
+    """A `datasets` hub id or save_to_disk folder; `root` caches hub downloads (null: HF_DATASETS_CACHE)."""
+    from explainguide.data.hub import HFImages, load_hf_split
+
+    if not hf_id:
+        raise DatasetError("dataset=hf needs dataset.hf_id=<hub id, or a save_to_disk folder>")
+    base = HFImages(load_hf_split(hf_id, hf_config, split, cache_dir=root), image_column, label_column,
+                    where=f"{hf_id}[{split}]")
+    # Arrow datasets carry no prompts; their own set is CLIP's plain one.
+    return ClassificationDataset(base, preprocess, base.classnames, list(SIMPLE_TEMPLATES), base.labels)
+
+
+def _build_wds(split: str, preprocess: Callable, root: str | None, seed: int, size: int | None,
+               hf_id: str | None = None):
+    """A CLIP_benchmark webdataset folder, or a hub repo in that layout fetched to `root` (null: HF_HUB_CACHE)."""
+    from explainguide.data.hub import download_snapshot
+    from explainguide.data.wds import CLASSNAMES_FILE, TEMPLATES_FILE, WdsShards, read_classnames, read_templates
+
+    if not hf_id:
+        raise DatasetError("dataset=wds needs dataset.hf_id=<hub repo like clip-benchmark/wds_vtab-pets, "
+                           "or a local folder in that layout>")
+    folder = Path(hf_id).expanduser()
+    if not folder.is_dir():
+        folder = download_snapshot(hf_id, [CLASSNAMES_FILE, TEMPLATES_FILE, f"{split}/*"], cache_dir=root)
+    base = WdsShards(folder, split)
+    templates = read_templates(folder) or list(SIMPLE_TEMPLATES)
+    return ClassificationDataset(base, preprocess, read_classnames(folder), templates, base.labels)
+
+
+DATASETS: dict[str, Callable[..., ClassificationDataset]] = {
+    "shapes": _build_shapes,
+    "image_folder": _build_image_folder,
+    "hf": _build_hf,
+    "wds": _build_wds,
+}
+_COMMON = {"split", "preprocess", "root", "seed", "size"}
 
 
 def build_dataset(
@@ -81,16 +112,28 @@ def build_dataset(
     size: int | None = None,
     limit: int | None = None,
     templates: list[str] | None = None,
-) -> Dataset:
-    """The `split` of dataset `name`, images passed through `preprocess`; at most `limit` items (evenly spaced)."""
+    template_set: str = "own",
+    benchmark: str | None = None,
+    classnames_file: str | None = None,
+    split_map: Mapping[str, str] | None = None,
+    **options,
+) -> ClassificationDataset:
+    """The `split` of dataset `name`, images passed through `preprocess`; at most `limit` items (evenly spaced).
+
+    `split_map` renames splits for the source ({test: validation}); `options` go to the builder.
+    """
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
-    dataset = DATASETS[name](split=split, preprocess=preprocess, root=root, seed=seed, size=size, templates=templates)
-    if templates:
-        dataset.templates = list(templates)
+    builder = DATASETS[name]
+    accepted = set(inspect.signature(builder).parameters) - _COMMON
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise DatasetError(f"dataset={name} has no option(s) {['dataset.' + key for key in unknown]}; "
+                           f"its options: {sorted(accepted) or 'none'}; remove them or pick another dataset")
+    source_split = (split_map or {}).get(split, split)
+    dataset = builder(split=source_split, preprocess=preprocess, root=root, seed=seed, size=size, **options)
+    dataset.classnames = resolve_classnames(dataset.classnames, dataset.labels, benchmark, classnames_file)
+    dataset.templates = resolve_templates(template_set, benchmark, dataset.templates, templates)
     if limit is not None and limit < len(dataset):
-        indices = torch.linspace(0, len(dataset) - 1, limit).long().tolist()
-        subset = Subset(dataset, indices)
-        subset.classnames, subset.templates = dataset.classnames, dataset.templates
-        dataset = subset
+        dataset = dataset.subset(torch.linspace(0, len(dataset) - 1, limit).long().tolist())
     return dataset

@@ -89,6 +89,7 @@ _BATCH_KEY = 2000  # seed key of ShapesWorld.batch / samples
 _COLOUR_RE = "|".join(COLOURS)
 _SHAPE_RE = "|".join(SHAPES)
 _PAIR_RE = re.compile(rf"\b({_COLOUR_RE})\s+({_SHAPE_RE})\b")
+_ARTICLE_RE = re.compile(r"\b(an?) ([a-z])")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -454,6 +455,31 @@ class ShapesWorld:
         else:
             body = ", ".join(nps[:-1]) + f" and {nps[-1]}"
         return template.format(body), order
+
+    def hard_negative(self, caption: str, rng: np.random.Generator) -> str:
+        """A caption that no longer describes the image: one object's shape or colour is changed, or (with
+        two or more objects) two objects swap their colours (a binding negative). The other words stay."""
+        found = list(_PAIR_RE.finditer(caption))
+        if not found:
+            return caption
+        edits: list[tuple[int, int, str]] = []
+        if len(found) >= 2 and rng.random() < 0.4:
+            i, j = (int(k) for k in rng.choice(len(found), size=2, replace=False))
+            a, b = found[i], found[j]
+            if a.group(1) != b.group(1) and a.group(2) != b.group(2):
+                edits = [(a.start(1), a.end(1), b.group(1)), (b.start(1), b.end(1), a.group(1))]
+        if not edits:
+            m = found[int(rng.integers(len(found)))]
+            if rng.random() < 0.65:
+                new = [x for x in self.shapes if x != m.group(2)]
+                edits = [(m.start(2), m.end(2), new[int(rng.integers(len(new)))])]
+            else:
+                new = [x for x in self.colours if x != m.group(1)]
+                edits = [(m.start(1), m.end(1), new[int(rng.integers(len(new)))])]
+        out = caption
+        for start, end, text in sorted(edits, reverse=True):
+            out = out[:start] + text + out[end:]
+        return _ARTICLE_RE.sub(lambda m: f"{_article(m.group(2))} {m.group(2)}", out)  # keep "a"/"an" right
 
     # --- samples --------------------------------------------------------------------------------------
 

@@ -1,0 +1,160 @@
+"""Hugging Face sources that never hang: `load_hf_split` (a `datasets` hub id or a save_to_disk folder),
+`download_snapshot` (a hub dataset repo's files) and `HFImages`, the (PIL image, label) view of a split.
+
+Offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set, or the hub not answering within a few seconds) means the
+local cache only: no retries, no timeouts. A cache miss is one DatasetError line naming the id, the cache
+folder and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from explainguide.data.base import DatasetError, image_from_bytes
+from explainguide.images import load_image
+
+OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+PROBE_TIMEOUT_S = 3.0
+
+
+def offline_reason() -> str | None:
+    """Why the hub must not be asked (an env flag, or no answer), or None when it is reachable."""
+    from huggingface_hub import constants
+
+    flags = [flag for flag in OFFLINE_FLAGS if os.environ.get(flag, "").strip().upper() in _TRUE]
+    if flags:
+        return f"offline ({'/'.join(flags)} is set)"
+    endpoint = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # an error status is still an answer
+    except OSError:  # DNS failure, refused, timed out
+        return f"unreachable ({endpoint} did not answer within {PROBE_TIMEOUT_S:g} s)"
+    return None
+
+
+@contextmanager
+def _offline_mode(offline: bool):
+    """datasets and huggingface_hub read their offline flag once, at import; a flag set later (or a dead hub)
+    must still stop every request, so flip both for the duration of one load."""
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+def _not_cached(hf_id: str, cache: str, variable: str, reason: str) -> DatasetError:
+    return DatasetError(
+        f"dataset.hf_id={hf_id!r} is not in the local cache {cache} and the hub is {reason}; run once online to "
+        f"cache it (or point {variable} or dataset.root at a cache that has it), or set dataset.hf_id to a local copy")
+
+
+def load_hf_split(hf_id: str, hf_config: str | None, split: str, cache_dir: str | None):
+    """Split `split` of a save_to_disk folder, a local data folder, or a hub dataset (cached in `cache_dir`)."""
+    import datasets
+
+    folder = Path(hf_id).expanduser()
+    if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+        return _saved_split(datasets.load_from_disk(str(folder)), split, hf_id)
+    reason = None if folder.is_dir() else offline_reason()
+    download = datasets.DownloadConfig(max_retries=0, local_files_only=True) if reason else None
+    with _offline_mode(reason is not None):
+        try:
+            return datasets.load_dataset(hf_id, hf_config, split=split, cache_dir=cache_dir,
+                                         download_config=download)
+        except (ConnectionError, FileNotFoundError) as err:
+            if reason is not None:
+                raise _not_cached(hf_id, str(cache_dir or datasets.config.HF_DATASETS_CACHE), "HF_DATASETS_CACHE",
+                                  reason) from None
+            raise DatasetError(f"dataset.hf_id={hf_id!r} could not be loaded ({type(err).__name__}: {err}); "
+                               f"check the id, or log in for gated datasets") from None
+        except ValueError as err:
+            if "split" not in str(err):
+                raise
+            raise DatasetError(f"dataset.hf_id={hf_id!r} has no split {split!r} ({err}); "
+                               f"map it with dataset.split_map={{{split}: <one of its splits>}}") from None
+
+
+def _saved_split(saved, split: str, hf_id: str):
+    """A saved DatasetDict gives its `split`; a saved single Dataset is used as is, whatever the split."""
+    if not hasattr(saved, "keys"):
+        return saved
+    if split not in saved:
+        raise DatasetError(f"dataset.hf_id={hf_id!r} has splits {sorted(saved)}, not {split!r}; "
+                           f"map it with dataset.split_map={{{split}: <one of them>}}")
+    return saved[split]
+
+
+def download_snapshot(repo_id: str, patterns: list[str], cache_dir: str | None) -> Path:
+    """The local folder of hub dataset repo `repo_id` with (at least) the files matching `patterns`."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    reason = offline_reason()
+    with _offline_mode(reason is not None):
+        try:
+            return Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns,
+                                                          cache_dir=cache_dir,
+                                                          local_files_only=reason is not None))
+        except LocalEntryNotFoundError:
+            raise _not_cached(repo_id, str(cache_dir or constants.HF_HUB_CACHE), "HF_HUB_CACHE",
+                              reason or "not answering") from None
+        except RepositoryNotFoundError:
+            raise DatasetError(f"dataset.hf_id={repo_id!r} is not a dataset repo on the hub; check the id, "
+                               f"or log in for gated datasets") from None
+
+
+class HFImages(Dataset):
+    """(PIL image, label) rows of a `datasets.Dataset`, read from `image_column` and `label_column`.
+
+    `classnames` comes from a ClassLabel label column (None for plain integers); `labels` is read once,
+    without decoding images.
+    """
+
+    def __init__(self, table, image_column: str, label_column: str, where: str):
+        from datasets import ClassLabel, Image, Value
+
+        for option, column in (("image_column", image_column), ("label_column", label_column)):
+            if column not in table.column_names:
+                raise DatasetError(f"dataset.{option}={column!r} is not a column of {where}; "
+                                   f"its columns: {table.column_names}")
+        feature = table.features[label_column]
+        self.classnames = list(feature.names) if isinstance(feature, ClassLabel) else None
+        self.labels = [int(label) for label in table.with_format(None)[label_column]]
+        if any(label < 0 for label in self.labels):
+            raise DatasetError(f"{where} has unlabelled rows (label -1) in {label_column!r}; "
+                               f"pick a labelled split with dataset.split_map")
+        image_feature = table.features[image_column]
+        if isinstance(image_feature, Image):
+            # Raw bytes: decoded here like any other source, not by `datasets`.
+            table = table.cast_column(image_column, Image(decode=False))
+        elif image_feature != Value("string"):
+            raise DatasetError(f"dataset.image_column={image_column!r} of {where} holds {image_feature}; "
+                               f"pick an Image column or a column of file paths")
+        self.table, self.image_column, self.where = table.select_columns([image_column]), image_column, where
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        value = self.table[index][self.image_column]
+        if isinstance(value, str):
+            return load_image(value), self.labels[index]
+        if value.get("bytes") is not None:
+            return image_from_bytes(value["bytes"], f"{self.where}[{index}]"), self.labels[index]
+        return load_image(value["path"]), self.labels[index]
