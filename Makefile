@@ -11,7 +11,7 @@ help:  ## show the targets
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,gan]'
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package with its dev extras

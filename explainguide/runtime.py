@@ -17,7 +17,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 log = logging.getLogger(__name__)
 
 # Config keys that hold user paths; they are resolved against the launch directory, whatever hydra.job.chdir says.
-USER_PATH_KEYS = ("model.checkpoint", "model.cache_dir", "dataset.root", "task.image", "task.prompts_file")
+USER_PATH_KEYS = (
+    "model.checkpoint", "model.cache_dir", "dataset.root", "task.image", "task.prompts_file",
+    "generator.checkpoint", "generator.config", "generator.weights",
+)
 
 
 @dataclass

@@ -52,7 +52,9 @@ class Generator(nn.Module, ABC):
         return self
 
 
-def resolve_size(size: int | Sequence[int], generator: str, min_side: int = MIN_SIDE, multiple: int = 1) -> tuple[int, int]:
+def resolve_size(
+    size: int | Sequence[int], generator: str, min_side: int = MIN_SIDE, multiple: int = 1
+) -> tuple[int, int]:
     """`size` (an int for a square, or [H, W]) as (H, W), rounded to the nearest `multiple` with a warning.
 
     Rejects sizes below `min_side` per side up front, before any network is built.
@@ -68,12 +70,14 @@ def resolve_size(size: int | Sequence[int], generator: str, min_side: int = MIN_
         raise GeneratorError(f"generator={generator} size={size!r} is not an int or [H, W]; give e.g. size=256")
     if min(sides) < min_side:
         raise GeneratorError(
-            f"generator={generator} size={list(sides)} is below the minimum {min_side} px per side; use size>={min_side}"
+            f"generator={generator} size={list(sides)} is below the minimum {min_side} px per side; "
+            f"use size>={min_side}"
         )
     rounded = tuple(max(multiple, multiple * int(s / multiple + 0.5)) for s in sides)
     if rounded != sides:
         warnings.warn(
-            f"generator={generator}: size {list(sides)} rounded to {list(rounded)} (sides must be multiples of {multiple})",
+            f"generator={generator}: size {list(sides)} rounded to {list(rounded)} "
+            f"(sides must be multiples of {multiple})",
             stacklevel=3,
         )
     return rounded
