@@ -50,12 +50,13 @@ def load_prompts(path: str | Path, bundle) -> tuple[PromptLearner, dict]:
     if not path.is_file():
         raise ConfigError(f"task.prompts={str(path)!r} does not exist; give the {PROMPTS_FILE} (or the output dir) "
                           "of a task=prompt_learning run")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = json.loads((handle.metadata() or {}).get(_META_KEY, "null"))
-        if meta is None:
-            raise ConfigError(f"task.prompts={str(path)!r} is not a learned-prompts file; give the {PROMPTS_FILE} "
-                              "written by task=prompt_learning")
-        ctx = handle.get_tensor("ctx")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads(handle.metadata()[_META_KEY])
+            ctx = handle.get_tensor("ctx")
+    except Exception as err:  # not safetensors, no metadata, no ctx: one answer for all of them
+        raise ConfigError(f"task.prompts={str(path)!r} is not a learned-prompts file ({type(err).__name__}); give "
+                          f"the {PROMPTS_FILE} written by task=prompt_learning") from err
     learner = PromptLearner(bundle.model, bundle.tokenizer, bundle.context_length,
                             **{key: meta[key] for key in LEARNER_KEYS})
     if learner.ctx.shape != ctx.shape:
@@ -109,12 +110,10 @@ def record_evaluation(recorder, result: dict, classnames: list[str], split: str)
     return metrics
 
 
-def split_features(cfg: DictConfig, bundle, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Frozen image features (N, E) fp32, labels (N,) and classnames of one split of cfg.dataset."""
-    dataset = build_dataset(split=split, preprocess=bundle.preprocess, **cfg.dataset)
+def split_features(cfg: DictConfig, bundle, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen image features (N, E) fp32 and labels (N,) of every item of `dataset`, each image encoded once."""
     loader = DataLoader(dataset, batch_size=cfg.task.encode_batch_size, num_workers=cfg.task.num_workers)
-    features, labels = _image_features(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
-    return features, labels, list(dataset.classnames)
+    return _image_features(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> dict:
@@ -122,10 +121,11 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
     bundle = instantiate(cfg.model)
     bundle.model.requires_grad_(False)
     learner, meta = load_prompts(task.prompts, bundle)
-    features, labels, classnames = split_features(cfg, bundle, task.split)
-    if [name.replace("_", " ") for name in classnames] != learner.classnames:
+    dataset = build_dataset(split=task.split, preprocess=bundle.preprocess, **cfg.dataset)
+    if [name.replace("_", " ") for name in dataset.classnames] != learner.classnames:
         raise ConfigError(f"dataset {cfg.dataset.name!r} has other classes than task.prompts={task.prompts!r} "
                           f"(learned on {meta['dataset']!r}); evaluate on that dataset")
+    features, labels = split_features(cfg, bundle, dataset)
     with open_recorder(cfg, ctx, job_type="evaluate") as recorder:
         result = evaluate_prompts(bundle.model, learner, features, labels, task.encode_batch_size)
         metrics = record_evaluation(recorder, result, learner.classnames, task.split)

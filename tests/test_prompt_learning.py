@@ -1,0 +1,195 @@
+"""task=prompt_learning and task=evaluate on debug-size shapes runs (toy CLIP with random weights, CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
+
+from explainguide.app import run_task
+from explainguide.data.few_shot import save_indices
+from explainguide.explain.tokens import tokenize
+from explainguide.models import load_clip
+from explainguide.prompts import PromptLearner, decode_prompts
+from explainguide.runtime import ConfigError, RunContext
+from explainguide.tasks import prompt_learning
+from explainguide.tasks.prompt_learning import NonFiniteLoss, check_finite, warmup_cosine
+
+# 36 classes, 72 images per split, 1 shot -> 36 training images = 2 steps of 16 per epoch (the last 4 dropped).
+DEBUG = ["model=toy_random", "logger=none", "progress=false", "dataset.size=72", "seed=1", "loss.also_minimize=false"]
+TRAIN = ["task=prompt_learning", "task.n_ctx=4", "task.batch_size=16"]
+
+
+def compose_config(*overrides: str):
+    with initialize_config_module(version_base="1.3", config_module="explainguide.conf"):
+        return compose(config_name="config", overrides=[*DEBUG, *overrides])
+
+
+def train(output_dir: Path, *overrides: str) -> dict:
+    return run_task(compose_config(*TRAIN, *overrides), RunContext(output_dir=output_dir, launch_dir=output_dir))
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """A finished 4-epoch run."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    train(run_dir, "task.epochs=4")
+    return run_dir
+
+
+def test_run_writes_prompts_shots_checkpoint_and_per_epoch_metrics(straight):
+    metrics = json.loads((straight / "metrics.json").read_text())
+    assert metrics["status"] == "ok"
+    assert {"test/acc1", "test/mean_per_class_acc", "test/class_name_score", "train/loss", "train/ce"} <= set(metrics)
+    assert metrics["dataset"] == "shapes" and metrics["lambda"] == 1.0 and metrics["seed"] == 1
+    rows = read_rows(straight)
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert {"train/loss", "train/ce", "train/expl", "train/lr", "test/acc1"} <= set(rows[0])
+    assert rows[0]["train/lr"] == 1e-5 and rows[1]["train/lr"] == 0.002  # warm-up epoch, then the cosine
+    shots = json.loads((straight / "shots.json").read_text())
+    assert len(shots["indices"]) == 36 and shots["meta"]["k"] == 1
+    assert load_file(str(straight / "prompts.safetensors"))["ctx"].dtype == torch.float32
+    assert (straight / "checkpoint.pt").is_file() and (straight / "test_per_class.csv").is_file()
+
+
+def test_evaluate_reloads_the_saved_prompts_exactly(straight, tmp_path):
+    cfg = compose_config("task=evaluate", f"task.prompts={straight}")
+    metrics = run_task(cfg, RunContext(output_dir=tmp_path, launch_dir=tmp_path))
+    trained = json.loads((straight / "metrics.json").read_text())
+    for key in ("test/acc1", "test/mean_per_class_acc", "test/class_name_score"):
+        assert metrics[key] == trained[key], key
+
+
+def test_interrupted_run_resumes_to_the_straight_result(straight, tmp_path, monkeypatch):
+    save = prompt_learning._save_checkpoint
+
+    def save_then_crash(path, state):
+        save(path, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt("simulated kill after epoch 2")
+
+    monkeypatch.setattr(prompt_learning, "_save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, "task.epochs=4")
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+    monkeypatch.setattr(prompt_learning, "_save_checkpoint", save)
+    train(tmp_path, "task.epochs=4")  # task.resume=true: continue in the same output dir
+    assert read_rows(tmp_path) == read_rows(straight)
+    assert torch.equal(load_file(str(tmp_path / "prompts.safetensors"))["ctx"],
+                       load_file(str(straight / "prompts.safetensors"))["ctx"])
+
+
+def test_a_finished_two_epoch_run_extends_to_four(straight, tmp_path):
+    # Epochs 0 and 1 have the same lr for any length (warm-up, then the cosine's start), so 2 + 2 == 4.
+    train(tmp_path, "task.epochs=2")
+    metrics = train(tmp_path, "task.epochs=4")
+    assert read_rows(tmp_path) == read_rows(straight)
+    assert metrics["test/acc1"] == json.loads((straight / "metrics.json").read_text())["test/acc1"]
+
+
+def test_rerun_of_a_finished_run_is_skipped(straight, monkeypatch):
+    monkeypatch.setattr(prompt_learning, "train_step", lambda *args: pytest.fail("a finished run trained again"))
+    before = (straight / "metrics.json").read_text()
+    assert train(straight, "task.epochs=4")["status"] == "ok"
+    assert (straight / "metrics.json").read_text() == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(straight):
+    with pytest.raises(ConfigError, match=r"task.batch_size=16, this run has 8; use that value, task.resume=false"):
+        train(straight, "task.epochs=4", "task.batch_size=8")
+
+
+def test_shots_are_shared_across_lambda_and_reusable(tmp_path):
+    train(tmp_path / "lambda0", "task.epochs=0", "loss.explainability=0")
+    train(tmp_path / "lambda2", "task.epochs=0", "loss.explainability=2")
+    train(tmp_path / "seed2", "task.epochs=0", "seed=2", f"task.shots_file={tmp_path / 'lambda0' / 'shots.json'}")
+    shots = {name: json.loads((tmp_path / name / "shots.json").read_text())["indices"]
+             for name in ("lambda0", "lambda2", "seed2")}
+    assert shots["lambda0"] == shots["lambda2"] == shots["seed2"]
+
+
+def test_nan_loss_stops_the_run_naming_step_and_term(tmp_path):
+    with pytest.raises(NonFiniteLoss, match=r"train/loss is nan at step 1"):
+        train(tmp_path, "task.epochs=1", "loss.explainability=nan")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "failed" and "train/loss is nan at step 1" in metrics["error"]
+
+
+def test_check_finite_names_the_first_bad_term():
+    terms = {"total": torch.tensor(1.0), "ce": torch.tensor(1.0), "expl": torch.tensor(-math.inf)}
+    with pytest.raises(NonFiniteLoss, match=r"train/expl is -inf at step 7"):
+        check_finite(terms, 7)
+
+
+def test_also_minimize_training_runs_all_pairs(tmp_path):
+    save_indices(tmp_path / "eight.json", list(range(8)), {"note": "8 images, one step of 8"})
+    metrics = train(tmp_path / "run", "task.epochs=1", "task.batch_size=8", "loss.also_minimize=true",
+                    f"task.shots_file={tmp_path / 'eight.json'}")
+    assert metrics["also_minimize"] is True and metrics["n_train_images"] == 8
+    assert math.isfinite(metrics["train/expl"])
+
+
+def test_warmup_cosine_is_coops_schedule():
+    lrs = [warmup_cosine(epoch, 0.002, 50, warmup_epochs=1, warmup_lr=1e-5) for epoch in range(50)]
+    assert lrs[0] == 1e-5 and lrs[1] == 0.002
+    assert lrs[49] == pytest.approx(0.002 * 0.5 * (1 + math.cos(math.pi * 48 / 50)))
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_clip("toy_clip", random_init=True, device="cpu")
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_decoded_prompts_from_ctx_init_give_back_the_words(toy, class_specific):
+    names = ["red circle", "blue star", "golden_retriever"]
+    learner = PromptLearner(toy.model, toy.tokenizer, toy.context_length, names, n_ctx=None,
+                            ctx_init="a photo of a", class_token_position="end", class_specific=class_specific)
+    expected = tokenize(toy.tokenizer, [f"a photo of a {name.replace('_', ' ')}." for name in names],
+                        toy.context_length)
+    assert torch.equal(decode_prompts(learner, toy.model), expected)
+
+
+def test_ctx_init_with_another_n_ctx_is_a_clear_error(toy):
+    with pytest.raises(ValueError, match=r"n_ctx=16 but ctx_init='a photo of a' has 4 tokens; set n_ctx=4"):
+        PromptLearner(toy.model, toy.tokenizer, toy.context_length, ["red circle"], n_ctx=16, ctx_init="a photo of a")
+
+
+@pytest.mark.gpu
+def test_amp_on_cuda_keeps_ctx_fp32(tmp_path):
+    metrics = train(tmp_path, "task.epochs=1", "device=cuda", "loss.also_minimize=true", "task.batch_size=8")
+    assert math.isfinite(metrics["train/loss"])
+    assert load_file(str(tmp_path / "prompts.safetensors"))["ctx"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("content", [None, b"not a safetensors file"])
+def test_evaluate_rejects_a_missing_or_foreign_prompts_file(tmp_path, content):
+    path = tmp_path / "prompts.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    cfg = compose_config("task=evaluate", f"task.prompts={path}")
+    message = "does not exist" if content is None else "is not a learned-prompts file"
+    with pytest.raises(ConfigError, match=message):
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+
+
+def test_bench_coop_prints_times_ratios_and_memory(capsys):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench
+
+    bench.main(["coop", "--classes", "3", "--batch", "2", "--n-ctx", "2", "--steps", "1", "--warmup", "0"])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["ms_per_step"]) == {"lambda0", "lambda1_also_minimize", "lambda1_label_only"}
+    assert set(result["ratios"]) == {"lambda1_also_minimize/lambda0", "lambda1_label_only/lambda0"}
+    assert all(value >= 0 for value in result["peak_memory_mib"].values())

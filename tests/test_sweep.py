@@ -1,0 +1,155 @@
+"""Sweeps: the experiment presets, a debug-size CoOp multirun end to end (table == the jobs' metrics.json),
+rerun skipping, the submitit path, the SLURM launcher's local values, and make_table's zero-shot table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from explainguide import app
+from explainguide.tasks import prompt_learning
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "explainguide" / "conf"
+sys.path.insert(0, str(REPO / "scripts"))
+import make_table  # noqa: E402
+
+# Two λ × two seeds, one epoch of 36 one-shot images in 2 steps of 16, toy CLIP with random weights.
+DEBUG_SWEEP = ["experiment=coop_shapes", "model=toy_random", "dataset.size=72", "task.epochs=1", "task.n_ctx=4",
+               "task.batch_size=16", "loss.also_minimize=false", "loss.explainability=0,1", "seed=1,2",
+               "logger=none", "progress=false"]
+
+
+def compose_hydra(*overrides: str):
+    with initialize_config_module(version_base="1.3", config_module="explainguide.conf"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+
+
+def sweep(sweep_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "explainguide", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return subprocess.run(command, cwd=sweep_dir.parent, capture_output=True, text=True, timeout=600)
+
+
+def sweep_in_process(monkeypatch, sweep_dir: Path, *overrides: str) -> None:
+    """The app's own entry point with the basic launcher, in this process (no second torch import)."""
+    monkeypatch.setattr(sys, "argv", ["explainguide", *overrides, f"hydra.sweep.dir={sweep_dir}"])
+    try:
+        app.main()
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    return sorted(path.parent.parent for path in sweep_dir.rglob(".hydra/config.yaml"))
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("coop_*.yaml")))
+def test_every_coop_preset_is_one_multirun_of_lambda_and_seeds(experiment):
+    cfg = compose_hydra(f"experiment={experiment}")
+    assert cfg.task.name == "prompt_learning" and cfg.task.shots == 1
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"loss.explainability": "0,0.5,1,2", "seed": "1,2,3"}
+    # Job dirs named by the overrides: a rerun finds the same dirs, and skips the finished jobs.
+    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.override_dirname}"
+
+
+def test_debug_sweep_table_matches_the_jobs_and_reruns_skip(tmp_path, monkeypatch):
+    sweep_dir = tmp_path / "sweep"
+    sweep_in_process(monkeypatch, sweep_dir, *DEBUG_SWEEP)
+    jobs = job_dirs(sweep_dir)
+    assert len(jobs) == 4 and all(json.loads((j / "metrics.json").read_text())["status"] == "ok" for j in jobs)
+
+    make_table.main([str(sweep_dir), "--out", str(tmp_path / "table"), "--name", "coop"])
+    rows = list(csv.DictReader((tmp_path / "table" / "coop.csv").open()))
+    by_lambda: dict[float, list[float]] = {}
+    for job in jobs:
+        metrics = json.loads((job / "metrics.json").read_text())
+        by_lambda.setdefault(metrics["lambda"], []).append(metrics["test/acc1"])
+    assert {float(row["lambda"]) for row in rows} == set(by_lambda) == {0.0, 1.0}
+    for row in rows:
+        values = by_lambda[float(row["lambda"])]
+        assert float(row["mean"]) == pytest.approx(statistics.fmean(values), abs=1e-12)
+        assert float(row["std"]) == pytest.approx(statistics.stdev(values), abs=1e-12)
+        assert row["n_ok"] == "2" and row["seeds_ok"] == "1 2"
+    assert (tmp_path / "table" / "coop_test_acc1_vs_lambda.png").is_file()
+
+    # The same command again: the same job dirs, each already finished, so nothing trains or rewrites.
+    stamps = {job: (job / "metrics.json").stat().st_mtime_ns for job in jobs}
+    monkeypatch.setattr(prompt_learning, "train_step", lambda *args: pytest.fail("a finished job trained again"))
+    sweep_in_process(monkeypatch, sweep_dir, *DEBUG_SWEEP)
+    assert job_dirs(sweep_dir) == jobs
+    assert {job: (job / "metrics.json").stat().st_mtime_ns for job in jobs} == stamps
+
+
+def test_table_names_failed_and_missing_seeds_and_never_averages_them(tmp_path):
+    """A sweep of 2 λ × 3 seeds on disk where λ=1 has one failed seed and one that never ran."""
+    sweep_dir = tmp_path / "sweep"
+    base = OmegaConf.to_container(compose_hydra("experiment=coop_shapes", "model=toy_random"), resolve=False)
+    hydra = base.pop("hydra")
+    values = {(0.0, 1): 0.5, (0.0, 2): 0.6, (0.0, 3): 0.7, (1.0, 1): 0.9}
+    for (lam, seed), acc in [*values.items(), ((1.0, 2), None)]:
+        job = sweep_dir / f"loss.explainability={lam:g},seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        config = {**base, "seed": seed, "loss": {**base["loss"], "explainability": lam}}
+        OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+        status = {"status": "ok", "test/acc1": acc} if acc is not None else {"status": "failed", "error": "boom"}
+        (job / "metrics.json").write_text(json.dumps(status))
+    hydra["sweeper"]["params"] = {"loss.explainability": "0,1", "seed": "1,2,3"}
+    hydra["overrides"]["task"] = ["experiment=coop_shapes", "model=toy_random"]
+    OmegaConf.save(OmegaConf.create({**base, "hydra": hydra}), sweep_dir / "multirun.yaml")
+
+    make_table.main([str(sweep_dir), "--name", "coop"])
+    markdown = (sweep_dir / "coop.md").read_text()
+    assert "| shapes | toy_clip/random-init | **60.00 ± 10.00** | 90.00 (1/3 seeds; failed 2; missing 3) |" in markdown
+    rows = {row["lambda"]: row for row in csv.DictReader((sweep_dir / "coop.csv").open())}
+    assert rows["1.0"]["mean"] == "0.9" and rows["1.0"]["n_ok"] == "1" and rows["1.0"]["best"] == "False"
+    assert rows["1.0"]["seeds_failed"] == "2" and rows["1.0"]["seeds_missing"] == "3"
+
+
+def test_zero_shot_runs_give_a_template_by_dataset_table(tmp_path):
+    base = OmegaConf.to_container(compose_hydra("task=zero_shot", "model=toy"), resolve=False)
+    base.pop("hydra")
+    runs = {"shapes": ("ok", [("{}", 0.5), ("a photo of a {}.", 0.75)]), "image_folder": ("failed", [])}
+    for name, (status, templates) in runs.items():
+        job = tmp_path / name
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({**base, "dataset": {**base["dataset"], "name": name}}),
+                       job / ".hydra" / "config.yaml")
+        (job / "metrics.json").write_text(json.dumps({"status": status}))
+        with (job / "templates.csv").open("w") as handle:
+            handle.write("template,accuracy,class_name_score\n")
+            handle.writelines(f"{template},{acc},0.1\n" for template, acc in templates)
+    make_table.main([str(tmp_path), "--name", "zs"])
+    table = list(csv.reader((tmp_path / "zs_zero_shot.csv").open()))
+    assert table[0] == ["template", "image_folder (toy_clip/bundled)", "shapes (toy_clip/bundled)"]
+    assert table[1:] == [["a photo of a {}.", "— (1 run(s) not ok)", "75.00"], ["{}", "— (1 run(s) not ok)", "50.00"]]
+
+
+def test_submitit_local_launcher_runs_a_tiny_sweep(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    overrides = [o for o in DEBUG_SWEEP if not o.startswith(("loss.explainability", "seed"))]
+    out = sweep(sweep_dir, *overrides, "loss.explainability=0", "seed=1", "hydra/launcher=submitit_local",
+                "hydra.launcher.timeout_min=10")
+    assert out.returncode == 0, out.stderr[-3000:]
+    (job,) = job_dirs(sweep_dir)
+    assert json.loads((job / "metrics.json").read_text())["status"] == "ok"
+    assert any((sweep_dir / ".submitit").iterdir())
+
+
+def test_slurm_launcher_takes_cluster_values_from_conf_local(tmp_path):
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "slurm.yaml").write_text("partition: my_gpu_partition\naccount: my_lab\n")
+    cfg = compose_hydra("experiment=coop_shapes", "hydra/launcher=slurm", f"hydra.searchpath=[file://{tmp_path}]")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.account, launcher.gpus_per_node) == ("my_gpu_partition", "my_lab", 1)
+    assert compose_hydra("experiment=coop_shapes", "hydra/launcher=slurm").hydra.launcher.partition is None
