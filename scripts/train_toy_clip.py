@@ -33,6 +33,7 @@ import time
 import types
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -86,14 +87,18 @@ def lr_at(step: int, total: int, warmup: int, base: float, final_frac: float = 0
     return base * (final_frac + (1 - final_frac) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def clip_loss(model, images, tokens):
+def clip_loss(model, images, tokens, neg_tokens=None):
+    """Symmetric InfoNCE. Optional hard-negative captions (one per image) are extra candidates for the
+    image -> text direction only (NegCLIP-style)."""
+    b = images.shape[0]
     img = F.normalize(model.encode_image(images), dim=-1)
-    txt = F.normalize(model.encode_text(tokens), dim=-1)
+    all_tokens = tokens if neg_tokens is None else torch.cat([tokens, neg_tokens])
+    txt = F.normalize(model.encode_text(all_tokens), dim=-1)
     scale = model.logit_scale.exp().clamp(max=100.0)
-    logits = scale * img @ txt.t()
-    labels = torch.arange(images.shape[0])
-    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
-    acc = (logits.argmax(1) == labels).float().mean()
+    logits = scale * img @ txt.t()  # (B, B) or (B, 2B)
+    labels = torch.arange(b)
+    loss = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :b].t(), labels))
+    acc = (logits[:, :b].argmax(1) == labels).float().mean()
     return loss, acc
 
 
@@ -282,6 +287,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hard-negatives", type=float, default=1.0,
+                    help="share of images that get a hard-negative caption (one object's colour/shape changed)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "toy_runs" / "toy_clip")
     ap.add_argument("--resume", action="store_true", help="continue from --out/last.pt if it exists")
@@ -333,8 +340,13 @@ def main(argv=None) -> dict:
             t0 = time.time()
             images, captions = world.batch(args.batch_size, seed=args.seed * 1_000_003 + step)
             images, tokens = normalize(images), tokenizer(captions)
+            neg_tokens = None
+            if args.hard_negatives > 0:
+                nrng = np.random.default_rng([args.seed, step, 77])
+                negs = [world.hard_negative(c, nrng) for c in captions if nrng.random() < args.hard_negatives]
+                neg_tokens = tokenizer(negs) if negs else None
             gen_time += time.time() - t0
-            loss, acc = clip_loss(model, images, tokens)
+            loss, acc = clip_loss(model, images, tokens, neg_tokens)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -143,3 +143,24 @@ def test_negative_lambda_is_rejected_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"loss.explainability=-0.5 is negative"):
         run_task(cfg, RunContext(output_dir=tmp_path, launch_dir=tmp_path))
     assert not any(tmp_path.iterdir())
+
+
+def test_main_job_debug_size_end_to_end(tmp_path):
+    """`make run`'s job (zero-shot template comparison, bundled toy CLIP) at debug size."""
+    out = run_cli(tmp_path, "debug=default", "dataset.limit=30", "task.n_heatmaps=2")
+    assert out.returncode == 0, out.stderr
+    run_dir = tmp_path / "run"
+    assert out.stdout.strip().splitlines()[-1] == str(run_dir)
+    rows = (run_dir / "templates.csv").read_text().splitlines()
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert cfg.model.name == "toy_clip" and cfg.model.pretrained == "bundled"
+    assert rows[0] == "template,accuracy,class_name_score" and len(rows) - 1 >= 6
+    for row in rows[1:]:
+        accuracy, score = (float(x) for x in row.rsplit(",", 2)[1:])
+        assert 0 <= accuracy <= 1 and 0 < score <= 1
+    images = {p.name for p in (run_dir / "images").glob("*.png")}
+    assert "accuracy_vs_explainability.png" in images
+    assert sum(name.startswith("heatmap_") for name in images) == 2
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["zero_shot/n_images"] == 30
+    assert "templates" in (run_dir / "summary.md").read_text()

@@ -92,6 +92,16 @@ def test_captions_parse_back_to_objects(world, samples):
     assert len({s.caption for s in samples}) > 0.8 * len(samples)  # varied
 
 
+def test_hard_negative_captions(world, samples):
+    rng = np.random.default_rng(0)
+    for s in samples[:100]:
+        neg = world.hard_negative(s.caption, rng)
+        pos_pairs, neg_pairs = parse_caption(s.caption), parse_caption(neg)
+        assert len(neg_pairs) == len(pos_pairs) and sorted(neg_pairs) != sorted(pos_pairs), (s.caption, neg)
+        for art, word in __import__("re").findall(r"\b(an?) ([a-z]+)", neg):
+            assert (art == "an") == (word[0] in "aeiou"), neg
+
+
 def test_render_specs(world):
     rng = np.random.default_rng(0)
     img, objs = world.render([ObjectSpec("red", "circle", "large", centre=(16, 32)),
