@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the small CLIP of the embedded "shapes" world on CPU, evaluate it, and export its weights.
 
-    python scripts/train_toy_clip.py --steps 1500 --out toy_runs/toy_clip --export
+    python scripts/train_toy_clip.py --steps 1200 --batch-size 128 --lr 1e-3 --seed 0 --out toy_runs/toy_clip --export
 
 Training is contrastive (symmetric InfoNCE, learnable temperature) on an endless, seeded image–caption
 stream: the batch of step ``s`` is ``ShapesWorld().batch(batch_size, seed=(seed, s))``, so ``--resume``
@@ -281,7 +281,7 @@ def export_safetensors(model, path: Path) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--weight-decay", type=float, default=0.1)

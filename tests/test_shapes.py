@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import hashlib
 import time
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_hard_negative_captions(world, samples):
         neg = world.hard_negative(s.caption, rng)
         pos_pairs, neg_pairs = parse_caption(s.caption), parse_caption(neg)
         assert len(neg_pairs) == len(pos_pairs) and sorted(neg_pairs) != sorted(pos_pairs), (s.caption, neg)
-        for art, word in __import__("re").findall(r"\b(an?) ([a-z]+)", neg):
+        for art, word in re.findall(r"\b(an?) ([a-z]+)", neg):
             assert (art == "an") == (word[0] in "aeiou"), neg
 
 
@@ -165,11 +166,9 @@ def test_shipped_toy_clip_zero_shot():
     assert tok.context_length == 32
     ds = ShapesClassification("test", n=200, seed=0)
     with torch.no_grad():
-        W = []
-        for c in ds.classnames:
-            t = F.normalize(model.encode_text(tok([tpl.format(c) for tpl in ds.templates])), dim=-1)
-            W.append(F.normalize(t.mean(0), dim=-1))
-        W = torch.stack(W)
+        prompts = [tpl.format(c) for c in ds.classnames for tpl in ds.templates]
+        t = F.normalize(model.encode_text(tok(prompts)), dim=-1).view(len(ds.classnames), len(ds.templates), -1)
+        W = F.normalize(t.mean(1), dim=-1)  # template ensemble per class
         x, y = ds.tensors(normalized=True)
         pred = (F.normalize(model.encode_image(x), dim=-1) @ W.t()).argmax(1)
     acc = (pred == y).float().mean().item()
