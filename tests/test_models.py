@@ -63,6 +63,7 @@ def test_random_init_only_when_asked(caplog):
         ({"name": "ViT-B-32", "pretrained": "not-a-tag"}, "unknown model.pretrained='not-a-tag'"),
         ({"name": "toy_clip", "checkpoint": "/nope/clip.safetensors"}, "model.checkpoint='/nope/clip.safetensors' does not exist"),
         ({"name": "toy_clip", "random_init": True, "precision": "fp8"}, "model.precision='fp8'"),
+        ({"name": "toy_clip", "pretrained": "openai"}, "use model.pretrained=bundled"),
     ],
 )
 def test_bad_model_config_is_one_clear_line(kwargs, message):

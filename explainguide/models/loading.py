@@ -77,6 +77,9 @@ def _check_name_and_tag(name: str, pretrained: str | None) -> None:
             "(full list: python -c 'import open_clip; print(open_clip.list_models())')"
         )
     if pretrained and pretrained != "bundled":
+        if name in BUNDLED_MODELS:
+            raise ModelLoadError(f"model.pretrained={pretrained!r} for {name}, whose weights ship in the package; "
+                                 "use model.pretrained=bundled")
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise ModelLoadError(
