@@ -119,7 +119,8 @@ def spatial(args: argparse.Namespace) -> list[dict]:
                 image = read_png(pictures / "final.png")
                 size = image.shape[:2]
                 for k, (text, box) in enumerate(phrases):
-                    colour = torch.from_numpy(colour_mask(image, phrase_colour(text), args.saturation, args.value)).float()
+                    colour = colour_mask(image, phrase_colour(text), args.saturation, args.value)
+                    colour = torch.from_numpy(colour).float()
                     rows.append({
                         "setting": setting, "lambda": lam, "seed": seed, "phrase": text,
                         "area_fraction": metrics["spatial/area_fraction"][k],

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.transforms import Normalize
@@ -215,8 +216,6 @@ def step_timings(task: str, lam: float, steps: int, overrides: Sequence[str] = (
 
     `overrides` are extra Hydra overrides (e.g. "device=cuda", "generator.size=64").
     """
-    from hydra import compose, initialize_config_module
-
     if task not in GUIDANCE_TASKS:
         raise ValueError(f"step_timings: task={task!r} is not a guidance task; use one of {list(GUIDANCE_TASKS)}")
     module = importlib.import_module(GUIDANCE_TASKS[task])  # each defines LAMBDA_KEY and setup(cfg, guide, generator)

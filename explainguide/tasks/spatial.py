@@ -63,7 +63,6 @@ LAMBDA_KEY = "loss.spatial"
 class Region:
     """One phrase and where it goes: the CLIP text (prefix + phrase), a mask (H, W) in {0, 1}, and its λ_i."""
 
-    phrase: str
     text: str
     mask: torch.Tensor
     weight: float
@@ -100,7 +99,7 @@ def regions_from_config(cfg: DictConfig, launch_dir: Path) -> list[Region]:
         if not phrase:
             raise ConfigError(f"task.phrases[{index}]={entry!r} has no text; give {{text: <phrase>, box: [...]}}")
         mask = _region_mask(entry, index, size, launch_dir)
-        regions.append(Region(phrase, task.prefix + phrase, mask, area_scaled_weight(lam, mask, scale_by_area)))
+        regions.append(Region(task.prefix + phrase, mask, area_scaled_weight(lam, mask, scale_by_area)))
     return regions
 
 
