@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 # Config keys that hold user paths; they are resolved against the launch directory, whatever hydra.job.chdir says.
 USER_PATH_KEYS = (
-    "model.checkpoint", "model.cache_dir", "dataset.root", "task.image", "task.prompts_file",
-    "generator.checkpoint", "generator.config", "generator.weights",
-)
+    "model.checkpoint", "model.cache_dir", "dataset.root", "dataset.classnames_file", "task.image", "task.prompts_file",
+    "task.prompts", "task.shots_file", "task.resume", "generator.checkpoint", "generator.config", "generator.weights",
+)  # task.phrases[i].mask is resolved by task=spatial itself
 
 
 @dataclass

@@ -3,6 +3,7 @@
 
     python scripts/bench.py coop --classes 100 --batch 8 --n-ctx 16 [--checkpoint PATH] [--device cpu|cuda]
     python scripts/bench.py relevance [--prompts 64 --images 16]
+    python scripts/bench.py spatial | generate | edit [--lam L] [--override generator.size=64 ...]
 
 A new benchmark is one function `def name(args) -> dict` decorated with `@command("name", "help", *arguments)`;
 every subcommand also gets the common arguments (--checkpoint, --device, --steps, --warmup, --threads).
@@ -47,7 +48,8 @@ def command(name: str, help: str, *arguments: tuple):
 
 
 COMMON = (
-    argument("--checkpoint", default=str(GOLDEN_CHECKPOINT), help="CLIP state dict (default: the golden tiny CLIP)"),
+    argument("--checkpoint", default=str(GOLDEN_CHECKPOINT),
+             help="CLIP state dict for coop and relevance (default: the golden tiny CLIP)"),
     argument("--device", default="cpu", help="cpu | cuda | cuda:N"),
     argument("--steps", type=int, default=10, help="timed steps per setting (fastest and median are reported)"),
     argument("--warmup", type=int, default=2, help="untimed steps first"),
@@ -223,6 +225,52 @@ def relevance(args: argparse.Namespace) -> dict:
         "ratio_image": round(ms["image_relevance"] / ms["image_plain"], 2),
         "goal": "ratio <= 3",
     }
+
+
+# -- guidance tasks (spatial, generate, edit): ms per optimisation step at the task's config defaults -----------
+
+def _guidance(task: str, args: argparse.Namespace) -> dict:
+    from explainguide.tasks.generate import step_timings
+
+    overrides = [f"device={args.device}", *args.override]
+    for _ in range(args.warmup):
+        step_timings(task, args.lam, 1, overrides)
+    runs = {"lambda0": [], f"lambda{args.lam:g}": []}
+    for _ in range(args.repeats):  # alternated, so a load change on the machine hits both alike
+        for name, lam in zip(runs, (0.0, args.lam)):
+            runs[name].append(step_timings(task, lam, args.steps, overrides))
+    ms = {name: round(min(values), 2) for name, values in runs.items()}  # the least disturbed repeat
+    ratio = round(ms[f"lambda{args.lam:g}"] / ms["lambda0"], 2)
+    return {"benchmark": task, "overrides": overrides, "threads": torch.get_num_threads(), "steps": args.steps,
+            "repeats": args.repeats, "ms_per_step": ms, "ratio": ratio, "goal": "ratio <= 3", "goal_met": ratio <= 3}
+
+
+GUIDANCE_ARGUMENTS = (
+    argument("--override", action="append", default=[],
+             help="Hydra override, repeatable (the config's default model is the toy CLIP), e.g. generator.size=64"),
+    argument("--repeats", type=int, default=3, help="timed runs of --steps steps per λ; the fastest is reported"),
+)
+
+
+@command("spatial", "ms per task=spatial step, λ=0 vs λ>0 (loss.spatial)",
+         argument("--lam", type=float, default=0.15, help="loss.spatial (default: the config's 0.15)"),
+         *GUIDANCE_ARGUMENTS)
+def spatial(args: argparse.Namespace) -> dict:
+    return _guidance("spatial", args)
+
+
+@command("generate", "ms per task=generate step, λ=0 vs λ>0 (loss.explainability)",
+         argument("--lam", type=float, default=1.0, help="loss.explainability (default: the config's 1.0)"),
+         *GUIDANCE_ARGUMENTS)
+def generate(args: argparse.Namespace) -> dict:
+    return _guidance("generate", args)
+
+
+@command("edit", "ms per task=edit step, λ=0 vs λ>0 (loss.explainability)",
+         argument("--lam", type=float, default=1.0, help="loss.explainability (default: the config's 1.0)"),
+         *GUIDANCE_ARGUMENTS)
+def edit(args: argparse.Namespace) -> dict:
+    return _guidance("edit", args)
 
 
 def main(argv: list[str] | None = None) -> None:

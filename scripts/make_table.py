@@ -176,7 +176,7 @@ def best_lambdas(cells: dict[float, Cell]) -> set[float]:
 
 def coop_markdown(metric: str, table: dict) -> list[str]:
     lambdas = sorted({lam for cells in table.values() for lam in cells})
-    lines = [f"| dataset | model | " + " | ".join(f"λ={lam:g}" for lam in lambdas) + " |",
+    lines = ["| dataset | model | " + " | ".join(f"λ={lam:g}" for lam in lambdas) + " |",
              "|---|---|" + "---|" * len(lambdas)]
     for (dataset, model), cells in table.items():
         best = best_lambdas(cells)

@@ -138,6 +138,21 @@ def test_user_paths_resolve_against_the_launch_dir(tmp_path):
     assert str(tmp_path / "pics" / "cat.png") in str(err.value)
 
 
+def test_prompt_learning_paths_resolve_and_flags_stay(tmp_path):
+    from explainguide.runtime import resolve_user_paths
+
+    cfg = compose_config("task=evaluate", "task.prompts=runs/a", "dataset=hf", "dataset.classnames_file=names.txt")
+    resolve_user_paths(cfg, tmp_path)
+    assert cfg.task.prompts == str(tmp_path / "runs" / "a")
+    assert cfg.dataset.classnames_file == str(tmp_path / "names.txt")
+    cfg = compose_config("task=prompt_learning", "task.shots_file='~/shots.json'")
+    resolve_user_paths(cfg, tmp_path)
+    assert cfg.task.resume is True and cfg.task.shots_file == str(Path("~/shots.json").expanduser())
+    cfg = compose_config("task=prompt_learning", "task.resume=old_run")
+    resolve_user_paths(cfg, tmp_path)
+    assert cfg.task.resume == str(tmp_path / "old_run")
+
+
 def test_negative_lambda_is_rejected_before_any_work(tmp_path):
     cfg = compose_config("loss.explainability=-0.5")
     with pytest.raises(ConfigError, match=r"loss.explainability=-0.5 is negative"):

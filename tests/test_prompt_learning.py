@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -68,6 +67,41 @@ def test_evaluate_reloads_the_saved_prompts_exactly(straight, tmp_path):
     trained = json.loads((straight / "metrics.json").read_text())
     for key in ("test/acc1", "test/mean_per_class_acc", "test/class_name_score"):
         assert metrics[key] == trained[key], key
+
+
+def _class_folder(root: Path, classes: list[str]) -> Path:
+    """One folder per class (`_` for spaces), two shapes-world test images of that class in each."""
+    from torchvision.utils import save_image
+
+    from explainguide.data.shapes import CLASSNAMES, ShapesClassification
+
+    world = ShapesClassification(split="test", n=72)
+    for name in classes:
+        folder = root / name.replace(" ", "_")
+        folder.mkdir(parents=True)
+        items = [index for index in range(len(world)) if index % len(CLASSNAMES) == CLASSNAMES.index(name)]
+        for index in items[:2]:
+            save_image(world[index][0], folder / f"{index}.png")
+    return root
+
+
+def test_evaluate_on_a_subset_of_the_learned_classes(straight, tmp_path):
+    # ImageNet -> ImageNet-A/R: only the dataset's classes compete, in the dataset's label order.
+    root = _class_folder(tmp_path / "data", ["red circle", "blue square"])
+    cfg = compose_config("task=evaluate", f"task.prompts={straight}", "dataset=image_folder", f"dataset.root={root}")
+    metrics = run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+    rows = (tmp_path / "out" / "test_per_class.csv").read_text().splitlines()
+    assert [row.split(",")[:2] for row in rows[1:]] == [["blue square", "2"], ["red circle", "2"]]
+    assert 0 <= metrics["test/acc1"] <= 1 and math.isfinite(metrics["test/class_name_score"])
+
+
+def test_evaluate_rejects_a_class_it_has_no_prompt_for(straight, tmp_path):
+    root = _class_folder(tmp_path / "data", ["red circle"])
+    (root / "purple_unicorn").mkdir()
+    (root / "purple_unicorn" / "a.png").write_bytes((root / "red_circle").iterdir().__next__().read_bytes())
+    cfg = compose_config("task=evaluate", f"task.prompts={straight}", "dataset=image_folder", f"dataset.root={root}")
+    with pytest.raises(ConfigError, match=r"1 classes .* no prompt for, e.g. 'purple unicorn'"):
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
 
 
 def test_interrupted_run_resumes_to_the_straight_result(straight, tmp_path, monkeypatch):
@@ -182,14 +216,3 @@ def test_evaluate_rejects_a_missing_or_foreign_prompts_file(tmp_path, content):
     message = "does not exist" if content is None else "is not a learned-prompts file"
     with pytest.raises(ConfigError, match=message):
         run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
-
-
-def test_bench_coop_prints_times_ratios_and_memory(capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import bench
-
-    bench.main(["coop", "--classes", "3", "--batch", "2", "--n-ctx", "2", "--steps", "1", "--warmup", "0"])
-    result = json.loads(capsys.readouterr().out)
-    assert set(result["ms_per_step"]) == {"lambda0", "lambda1_also_minimize", "lambda1_label_only"}
-    assert set(result["ratios"]) == {"lambda1_also_minimize/lambda0", "lambda1_label_only/lambda0"}
-    assert all(value >= 0 for value in result["peak_memory_mib"].values())

@@ -31,13 +31,10 @@ TARGETS: dict[str, Callable] = {"scaled": _scaled, "cosine": _cosine}
 
 @dataclass
 class PairRelevance:
-    """Per pair i: similarity (B,), text relevance matrix (B, L, L) and EOT row (B, L), image matrix
-    (B, 1+P, 1+P) and CLS row (B, 1+P). Absent towers are None."""
+    """Per pair i: similarity (B,), text EOT row (B, L) and image CLS row (B, 1+P). Absent towers are None."""
 
     similarity: torch.Tensor
-    text_matrix: torch.Tensor | None = None
     text_row: torch.Tensor | None = None
-    image_matrix: torch.Tensor | None = None
     image_row: torch.Tensor | None = None
 
 
@@ -81,9 +78,9 @@ def explain_pairs(
 
     result = PairRelevance(similarity=similarity)
     if text:
-        result.text_matrix = relevance_matrix(score, text_probs, text_first_block, order)
-        result.text_row = eot_rows(result.text_matrix, token_ids)
+        # The encoder stops at the last EOT (N <= L tokens); positions after it have zero relevance in the EOT row.
+        row = eot_rows(relevance_matrix(score, text_probs, text_first_block, order), token_ids[:, : text_probs[0].shape[-1]])
+        result.text_row = F.pad(row, (0, token_ids.shape[1] - row.shape[1]))
     if image:
-        result.image_matrix = relevance_matrix(score, image_probs, image_first_block, order)
-        result.image_row = cls_rows(result.image_matrix)
+        result.image_row = cls_rows(relevance_matrix(score, image_probs, image_first_block, order))
     return result

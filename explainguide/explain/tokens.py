@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

@@ -17,16 +17,26 @@ def token_embeddings(model: nn.Module, token_ids: torch.Tensor) -> torch.Tensor:
     return tower.token_embedding(token_ids)
 
 
+def used_length(token_ids: torch.Tensor) -> int:
+    """Positions up to the batch's last EOT (argmax of the ids (B, L)); with a causal mask the rest are inert."""
+    return int(token_ids.argmax(dim=-1).max()) + 1
+
+
 def encode_text_embeddings(model: nn.Module, embeddings: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Text features (B, E) from input embeddings (B, L, width); `token_ids` (B, L) only locate the EOT (argmax).
 
     Same computation as open_clip's `encode_text` (argmax pooling), so `encode_text_embeddings(m,
-    token_embeddings(m, t), t) == m.encode_text(t)`.
+    token_embeddings(m, t), t) == m.encode_text(t)` up to float rounding. Under the causal mask no position
+    attends to a later one, so the padding after the batch's last EOT cannot change the EOT features: it is cut
+    off (77 -> ~20 tokens for short prompts; attention captured inside is then (B, H, N, N) with N =
+    `used_length(token_ids)`).
     """
     tower = text_tower(model)
     cast = tower.transformer.get_cast_dtype() if hasattr(tower.transformer, "get_cast_dtype") else embeddings.dtype
-    x = embeddings.to(cast) + tower.positional_embedding.to(cast)
-    x = tower.transformer(x, attn_mask=tower.attn_mask)
+    mask = tower.attn_mask
+    tokens = used_length(token_ids) if mask is not None else embeddings.shape[1]
+    x = embeddings[:, :tokens].to(cast) + tower.positional_embedding[:tokens].to(cast)
+    x = tower.transformer(x, attn_mask=None if mask is None else mask[:tokens, :tokens])
     x = tower.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), token_ids.argmax(dim=-1)]
     projection = tower.text_projection

@@ -1,10 +1,12 @@
-"""Helpers every task uses: the recorder from config, the prompt list from config, the progress switch."""
+"""Helpers the tasks share: the recorder from config, the prompt list from config, frozen image features."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from explainguide.runtime import ConfigError, RunContext
 from explainguide.tracking import RunRecorder
@@ -37,3 +39,13 @@ def prompts_from_config(text, prompts_file: str | None) -> list[str]:
         if not str(prompt).strip():
             raise ConfigError(f"empty prompt {prompt!r} in task.text/prompts_file; give non-empty text")
     return [str(p) for p in prompts]
+
+
+@torch.no_grad()
+def encode_images(model, loader, device, dtype, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features (N, E) in fp32 and labels (N,) of every (images, labels) batch of `loader`, on `device`."""
+    features, labels = [], []
+    for images, batch_labels in tqdm(loader, desc="encode images", disable=not progress):
+        features.append(model.encode_image(images.to(device, dtype)).float())
+        labels.append(batch_labels)
+    return torch.cat(features), torch.cat(labels).to(device)

@@ -22,8 +22,7 @@ from explainguide.data import build_dataset
 from explainguide.explain.class_scores import class_name_scores
 from explainguide.prompts import PromptLearner, class_logits
 from explainguide.runtime import ConfigError, RunContext
-from explainguide.tasks.common import open_recorder
-from explainguide.tasks.zero_shot import _image_features
+from explainguide.tasks.common import encode_images, open_recorder
 
 PROMPTS_FILE = "prompts.safetensors"
 _META_KEY = "explainguide"
@@ -69,21 +68,25 @@ def load_prompts(path: str | Path, bundle) -> tuple[PromptLearner, dict]:
 
 
 def evaluate_prompts(model, learner: PromptLearner, features: torch.Tensor, labels: torch.Tensor,
-                     batch_size: int) -> dict:
+                     batch_size: int, class_index: torch.Tensor | None = None) -> dict:
     """Top-1, per-class accuracy and mean class-name score (target logit(b, y_b)) of cached image features.
 
-    Returns acc1, mean_per_class_acc, class_name_score (floats), per_class_acc and per_class_count (lists of C).
+    class_index (C,) picks the learned classes that compete, in label order (ImageNet-A/R: 200 of ImageNet's 1000);
+    None: all of them. Returns acc1, mean_per_class_acc, class_name_score (floats), per_class_acc and
+    per_class_count (lists of C).
     """
-    prompts = learner().detach()
+    prompts, token_ids, class_mask = learner().detach(), learner.token_ids, learner.class_mask
+    if class_index is not None:
+        prompts, token_ids, class_mask = prompts[class_index], token_ids[class_index], class_mask[class_index]
     with torch.no_grad():
-        predictions = class_logits(model, prompts, learner.token_ids, features).argmax(dim=-1)
+        predictions = class_logits(model, prompts, token_ids, features).argmax(dim=-1)
     scores = []
     for start in range(0, len(labels), batch_size):
         chunk = labels[start : start + batch_size]
         # Only the label prompts matter for the label score: pass them as the "classes" of this chunk (B text
         # encodes instead of C); target b is then logit(b, b) = logit(b, y_b).
         result = class_name_scores(model, features[start : start + batch_size], prompts[chunk],
-                                   learner.token_ids[chunk], learner.class_mask[chunk],
+                                   token_ids[chunk], class_mask[chunk],
                                    labels=torch.arange(len(chunk), device=chunk.device))
         scores.append(result.scores.detach())
     n_classes = prompts.shape[0]
@@ -113,7 +116,7 @@ def record_evaluation(recorder, result: dict, classnames: list[str], split: str)
 def split_features(cfg: DictConfig, bundle, dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen image features (N, E) fp32 and labels (N,) of every item of `dataset`, each image encoded once."""
     loader = DataLoader(dataset, batch_size=cfg.task.encode_batch_size, num_workers=cfg.task.num_workers)
-    return _image_features(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
+    return encode_images(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
 
 
 def run(cfg: DictConfig, ctx: RunContext) -> dict:
@@ -122,13 +125,17 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
     bundle.model.requires_grad_(False)
     learner, meta = load_prompts(task.prompts, bundle)
     dataset = build_dataset(split=task.split, preprocess=bundle.preprocess, **cfg.dataset)
-    if [name.replace("_", " ") for name in dataset.classnames] != learner.classnames:
-        raise ConfigError(f"dataset {cfg.dataset.name!r} has other classes than task.prompts={task.prompts!r} "
-                          f"(learned on {meta['dataset']!r}); evaluate on that dataset")
+    classnames = [name.replace("_", " ") for name in dataset.classnames]
+    unknown = [name for name in classnames if name not in learner.classnames]
+    if unknown:
+        raise ConfigError(f"dataset {cfg.dataset.name!r} has {len(unknown)} classes that task.prompts={task.prompts!r} "
+                          f"(learned on {meta['dataset']!r}) has no prompt for, e.g. {unknown[0]!r}; evaluate on that "
+                          "dataset or on one whose classes are among its classes (ImageNet -> ImageNet-V2/Sketch/A/R)")
+    class_index = torch.tensor([learner.classnames.index(name) for name in classnames], device=bundle.device)
     features, labels = split_features(cfg, bundle, dataset)
     with open_recorder(cfg, ctx, job_type="evaluate") as recorder:
-        result = evaluate_prompts(bundle.model, learner, features, labels, task.encode_batch_size)
-        metrics = record_evaluation(recorder, result, learner.classnames, task.split)
+        result = evaluate_prompts(bundle.model, learner, features, labels, task.encode_batch_size, class_index)
+        metrics = record_evaluation(recorder, result, classnames, task.split)
         metrics = {**metrics, "prompts": str(task.prompts), "learned_on": meta["dataset"], "model": meta["model"]}
         recorder.summary(metrics)
     return metrics

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from tqdm import tqdm

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
@@ -15,18 +14,9 @@ from explainguide.explain.engine import explain_pairs
 from explainguide.explain.tokens import class_prompt_tokens
 from explainguide.models.towers import token_embeddings
 from explainguide.runtime import RunContext
-from explainguide.tasks.common import open_recorder
+from explainguide.tasks.common import encode_images, open_recorder
 from explainguide.viz import heatmap_overlay, scatter_plot, to_uint8_hwc
 from explainguide.data.shapes import denormalize
-
-
-@torch.no_grad()
-def _image_features(model, loader, device, dtype, progress: bool):
-    features, labels = [], []
-    for images, batch_labels in tqdm(loader, desc="encode images", disable=not progress):
-        features.append(model.encode_image(images.to(device, dtype)).float())
-        labels.append(batch_labels)
-    return torch.cat(features), torch.cat(labels).to(device)
 
 
 def evaluate_template(bundle, template, classnames, image_features, labels, batch_size: int) -> dict:
@@ -52,7 +42,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
     templates = list(task.templates or dataset.templates)
     loader = DataLoader(dataset, batch_size=task.batch_size, num_workers=task.num_workers)
     with open_recorder(cfg, ctx, job_type="zero_shot") as recorder:
-        image_features, labels = _image_features(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
+        image_features, labels = encode_images(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
         rows = []
         for step, template in enumerate(tqdm(templates, desc="templates", disable=not cfg.progress)):
             result = evaluate_template(bundle, template, dataset.classnames, image_features, labels, task.batch_size)
