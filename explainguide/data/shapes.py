@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
+from explainguide.data.templates import COMPARISON_TEMPLATES
+
 try:  # the canonical constants; fall back to their (fixed) values if open_clip is unavailable
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 except Exception:  # pragma: no cover
@@ -63,17 +65,9 @@ _ANGLES = tuple(range(-15, 16, 5))  # degrees; small enough that a square never 
 
 CLASSNAMES: list[str] = [f"{c} {s}" for c in COLOURS for s in SHAPES]
 
-#: zero-shot prompt templates (each with one "{}" for the class name).
-TEMPLATES: list[str] = [
-    "{}",
-    "a photo of a {}.",
-    "a drawing of a {}.",
-    "itap of a {}.",
-    "a rendering of a {}.",
-    "a picture of a small {}.",
-    "a good photo of a {}.",
-    "an image of a {}.",
-]
+#: zero-shot prompt templates (each with one "{}" for the class name): the comparison set's first six, then two
+#: that fit a clean drawn world better than its "a bad photo of the {}." and "art of the {}.".
+TEMPLATES: list[str] = [*COMPARISON_TEMPLATES[:6], "a good photo of a {}.", "an image of a {}."]
 
 #: training caption templates; "{}" is the full noun phrase list, articles included.
 CAPTION_TEMPLATES: list[str] = [
