@@ -17,6 +17,14 @@ from explainguide.runtime import RunContext, resolve_user_paths, seed_everything
 log = logging.getLogger("explainguide")
 
 
+class NotOnConsole(logging.Filter):
+    """Keeps records logged with extra={"console": False} off the console (conf/hydra/default.yaml): the failure
+    line is printed once as `error: ...` on stderr and kept in the job log file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "console", True)
+
+
 def context_from_hydra(cfg: DictConfig) -> RunContext:
     """The only place that reads HydraConfig."""
     hydra_cfg = HydraConfig.get()
@@ -50,10 +58,10 @@ def main(cfg: DictConfig) -> None:
     try:
         run_task(cfg, ctx)
     except Exception as err:
-        # Instantiation wraps the real error; show the cause. One clear line for the user; the traceback goes to the job log file in the output dir.
+        # Instantiation wraps the real error; show the cause. One clear line for the user; the traceback goes to
+        # the job log file in the output dir.
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
-        log.debug("traceback", exc_info=True)
-        log.error("%s: %s", type(cause).__name__, cause)
+        log.error("%s: %s", type(cause).__name__, cause, exc_info=True, extra={"console": False})
         print(f"error: {cause}", file=sys.stderr)
         print(ctx.output_dir)
         raise SystemExit(1) from None

@@ -48,7 +48,7 @@ class PromptLearner(nn.Module):
     ) -> None:
         super().__init__()
         if class_token_position not in CLASS_POSITIONS:
-            raise ValueError(f"class_token_position={class_token_position!r}; use one of {CLASS_POSITIONS}")
+            raise ValueError(f"task.class_token_position={class_token_position!r}; use one of {CLASS_POSITIONS}")
         classnames = [name.replace("_", " ") for name in classnames]
         embed = token_embeddings(model, torch.zeros(1, 1, dtype=torch.long, device=model.logit_scale.device))
         width, dtype = embed.shape[-1], embed.dtype
@@ -57,7 +57,8 @@ class PromptLearner(nn.Module):
             n_init = int(init_ids.argmax(dim=-1)) - 1
             if n_ctx and n_ctx != n_init:
                 raise ValueError(
-                    f"n_ctx={n_ctx} but ctx_init={ctx_init!r} has {n_init} tokens; set n_ctx={n_init} (or null)"
+                    f"task.n_ctx={n_ctx} but task.ctx_init={ctx_init!r} has {n_init} tokens; set task.n_ctx={n_init} "
+                    "(or null)"
                 )
             n_ctx = n_init
             with torch.no_grad():

@@ -49,6 +49,10 @@ def resolve_user_paths(cfg: DictConfig, launch_dir: Path) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Checks that need no model or data; one clear line per problem."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} must be set (no default); add "
+                          + " ".join(f"{key}=<value>" for key in missing) + " (the config group's comments say what)")
     for key in ("explainability", "similarity", "spatial", "l2"):
         value = cfg.loss.get(key)
         if value is not None and value < 0:

@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         for flags, kwargs in COMMON + arguments:
             sub.add_argument(*flags, **kwargs)
     args = parser.parse_args(argv)
+    if args.command in ("coop", "relevance") and not Path(args.checkpoint).is_file():
+        parser.error(f"--checkpoint {args.checkpoint} does not exist; the golden tiny CLIP lives in ../shared/golden "
+                     "next to the checkout (or set EXPLAINGUIDE_GOLDEN_DIR), or give --checkpoint <CLIP state dict>")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(json.dumps(COMMANDS[args.command][0](args), indent=2))

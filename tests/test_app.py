@@ -153,6 +153,14 @@ def test_prompt_learning_paths_resolve_and_flags_stay(tmp_path):
     assert cfg.task.resume == str(tmp_path / "old_run")
 
 
+@pytest.mark.parametrize("overrides, keys", [(["task=evaluate"], "task.prompts"),
+                                              (["task=generate", "generator=vqgan"], "generator.checkpoint, generator.config")])
+def test_required_values_are_named_with_the_fix(tmp_path, overrides, keys):
+    cfg = compose_config(*overrides)
+    with pytest.raises(ConfigError, match=rf"^{keys} must be set \(no default\); add {keys.split(', ')[0]}=<value>"):
+        run_task(cfg, RunContext(output_dir=tmp_path, launch_dir=tmp_path))
+
+
 def test_negative_lambda_is_rejected_before_any_work(tmp_path):
     cfg = compose_config("loss.explainability=-0.5")
     with pytest.raises(ConfigError, match=r"loss.explainability=-0.5 is negative"):

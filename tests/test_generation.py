@@ -157,6 +157,7 @@ def test_first_block_counts_from_the_end():
         ("[{text: a red circle, box: [40, 40, 8, 8]}]", "wholly outside"),
         ("[{text: a red circle}]", "exactly one of box"),
         ("[{box: [0, 0, 8, 8]}]", "has no text"),
+        ("[{text: a red circle, mask: nowhere.png}]", r"task.phrases\[0\].mask='nowhere.png': .*nowhere.png does not exist"),
     ],
 )
 def test_spatial_phrases_fail_before_the_model_is_built(tmp_path, phrases, message):

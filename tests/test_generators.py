@@ -282,7 +282,7 @@ def test_biggan_basis_search_keeps_the_best_candidates(tiny_biggan):
 
 def test_biggan_missing_weights_name_the_file(tiny_biggan, tmp_path, monkeypatch):
     biggan = pytest.importorskip("pytorch_pretrained_biggan")
-    with pytest.raises(GeneratorError, match=r"biggan weights file .*nowhere not found"):
+    with pytest.raises(GeneratorError, match=r"generator.weights=.*nowhere': .*nowhere not found"):
         build_generator("biggan", 32, resolution=32, weights=str(tmp_path / "nowhere"))
     with pytest.raises(GeneratorError, match="describes a 32-px BigGAN"):
         build_generator("biggan", 32, resolution=256, weights=str(tiny_biggan))
@@ -413,3 +413,39 @@ def test_cutouts_reject_small_sizes_and_bad_masks():
         make_cutouts(torch.rand(1, 3, 64, 64), None, 4, 4)
     with pytest.raises(CutoutError, match="masks have shape"):
         make_cutouts(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 32, 32), 4, 32)
+
+
+# ---------------------------------------------------------------- the real generators inside the tasks
+
+
+def _run_task(tmp_path: Path, *overrides: str) -> dict:
+    """metrics.json of a one-step run of the task in tmp_path/out."""
+    from hydra import compose, initialize_config_module
+
+    from explainguide.app import run_task
+    from explainguide.runtime import RunContext
+
+    with initialize_config_module(version_base="1.3", config_module="explainguide.conf"):
+        cfg = compose(config_name="config", overrides=["model=toy_random", "logger=none", "progress=false",
+                                                       "device=cpu", "task.steps=1", "task.eval_views=2",
+                                                       "task.snapshot_every=0", *overrides])
+    run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+    return json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
+
+
+def test_generate_and_spatial_run_a_step_with_a_vqgan(tiny_vqgan, tmp_path):
+    checkpoint, config, _ = tiny_vqgan
+    vqgan = ["generator=vqgan", f"generator.checkpoint={checkpoint}", f"generator.config={config}",
+             "generator.size=40", "task.cutouts.n=2"]
+    with pytest.warns(UserWarning, match="multiple"):  # 40 px is not a multiple of the latent cell: rounded
+        metrics = _run_task(tmp_path / "generate", "task=generate", *vqgan, "task.words=[star]")
+    assert metrics["status"] == "ok" and (tmp_path / "generate" / "out" / "images" / "final.png").is_file()
+    metrics = _run_task(tmp_path / "spatial", "task=spatial", *vqgan, "generator.size=32",
+                        "task.phrases=[{text: a, box: [0, 0, 16, 16]}]")
+    assert metrics["status"] == "ok" and len(metrics["spatial/relevance_in_mask"]) == 1
+
+
+def test_generate_runs_a_step_with_a_biggan(tiny_biggan, tmp_path):
+    metrics = _run_task(tmp_path, "task=generate", "generator=biggan", f"generator.weights={tiny_biggan}",
+                        "generator.resolution=32", "task.cutouts.n=2", "task.words=[star]")
+    assert metrics["status"] == "ok" and (tmp_path / "out" / "images" / "final.png").is_file()

@@ -195,9 +195,20 @@ def test_decoded_prompts_from_ctx_init_give_back_the_words(toy, class_specific):
     assert torch.equal(decode_prompts(learner, toy.model), expected)
 
 
-def test_ctx_init_with_another_n_ctx_is_a_clear_error(toy):
-    with pytest.raises(ValueError, match=r"n_ctx=16 but ctx_init='a photo of a' has 4 tokens; set n_ctx=4"):
-        PromptLearner(toy.model, toy.tokenizer, toy.context_length, ["red circle"], n_ctx=16, ctx_init="a photo of a")
+@pytest.mark.parametrize("overrides, message", [
+    (["task.ctx_init='a photo of a'", "task.n_ctx=16"],
+     r"task.n_ctx=16 but task.ctx_init='a photo of a' has 4 tokens; set task.n_ctx=4"),
+    (["task.class_token_position=sideways"], r"task.class_token_position='sideways'; use one of"),
+    (["task.epochs=-1"], r"task.epochs=-1; give batch_size >= 1 and epochs >= 0"),
+    (["task.batch_size=0"], r"task.batch_size=0, task.epochs=50; give batch_size >= 1"),
+])
+def test_bad_learner_options_fail_before_any_image_is_encoded(tmp_path, monkeypatch, overrides, message):
+    def encoding_is_too_late(*args):
+        raise AssertionError("images were encoded before the options were checked")
+
+    monkeypatch.setattr(prompt_learning, "split_features", encoding_is_too_late)
+    with pytest.raises(ConfigError, match=message):
+        train(tmp_path, *overrides)
 
 
 @pytest.mark.gpu
@@ -215,4 +226,10 @@ def test_evaluate_rejects_a_missing_or_foreign_prompts_file(tmp_path, content):
     cfg = compose_config("task=evaluate", f"task.prompts={path}")
     message = "does not exist" if content is None else "is not a learned-prompts file"
     with pytest.raises(ConfigError, match=message):
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+
+
+def test_evaluate_names_an_empty_prompts_value(tmp_path):
+    cfg = compose_config("task=evaluate", "task.prompts=''")
+    with pytest.raises(ConfigError, match=r"^task.prompts is empty; give the prompts.safetensors"):
         run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))

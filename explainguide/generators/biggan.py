@@ -41,7 +41,7 @@ def locate_weights(weights: str | None, resolution: int) -> tuple[Path, Path]:
         for file in (model_file, config_file):
             if not file.is_file():
                 raise GeneratorError(
-                    f"biggan weights file {file} not found; set generator.weights=<folder with {WEIGHTS_NAME} and "
+                    f"generator.weights={str(weights)!r}: {file} not found; set generator.weights=<folder with {WEIGHTS_NAME} and "
                     f"{CONFIG_NAME}>, or null to use the pytorch-pretrained-biggan cache"
                 )
         return model_file, config_file

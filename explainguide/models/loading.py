@@ -93,6 +93,26 @@ def _state_dict_is_openai_format(state_dict: dict) -> bool:
     return "text_projection" in state_dict and ("visual.proj" in state_dict or "visual.attnpool.c_proj.weight" in state_dict)
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def _architecture(name: str) -> torch.nn.Module:
+    """open_clip's `name` with fresh weights that the caller replaces: open_clip's "initialized randomly" warning
+    (logged on the root logger) would mislead, so it is dropped here and only here."""
+    quiet, root = _DropMessages("No pretrained weights loaded"), logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        return open_clip.create_model(name, pretrained=None)
+    finally:
+        root.removeFilter(quiet)
+
+
 def _model_from_checkpoint(name: str | None, checkpoint: Path) -> torch.nn.Module:
     if not checkpoint.is_file():
         raise ModelLoadError(
@@ -104,7 +124,7 @@ def _model_from_checkpoint(name: str | None, checkpoint: Path) -> torch.nn.Modul
     except Exception as err:  # torch/safetensors raise many types for corrupt files
         raise ModelLoadError(f"could not read model.checkpoint={str(checkpoint)!r}: {err}") from err
     if name:
-        model = open_clip.create_model(name, pretrained=None)
+        model = _architecture(name)
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as err:
@@ -128,7 +148,7 @@ def _model_from_tag(name: str, pretrained: str, cache_dir: str | None) -> torch.
         where = cache_dir or "the Hugging Face / open_clip default cache (~/.cache)"
         raise ModelLoadError(
             f"could not load pretrained weights {name}/{pretrained} (looked in {where}, then the hub): "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''} -- offline? download them on "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} -- offline? download them on "
             "a machine with network (or set HF_HUB_OFFLINE=1 to fail fast), or point model.checkpoint at a local "
             ".safetensors/.pt file"
         ) from err

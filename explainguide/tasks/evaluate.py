@@ -44,6 +44,9 @@ def save_prompts(path: Path, learner: PromptLearner, ctx_init: str | None, meta:
 
 def load_prompts(path: str | Path, bundle) -> tuple[PromptLearner, dict]:
     """The learner saved at `path` (a prompts file or the run dir holding one), on `bundle`'s model, and its meta."""
+    if not str(path).strip():
+        raise ConfigError(f"task.prompts is empty; give the {PROMPTS_FILE} (or the output dir) of a "
+                          "task=prompt_learning run")
     path = Path(path)
     path = path / PROMPTS_FILE if path.is_dir() else path
     if not path.is_file():

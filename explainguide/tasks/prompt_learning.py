@@ -215,19 +215,27 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         log.info("%s already finished %d epochs; skipped (task.resume=false reruns it)", output_dir, task.epochs)
         return finished
 
+    if task.batch_size < 1 or task.epochs < 0:
+        raise ConfigError(f"task.batch_size={task.batch_size}, task.epochs={task.epochs}; give batch_size >= 1 and "
+                          "epochs >= 0")
+    if task.epochs == 0:
+        log.warning("task.epochs=0: no training; the initial prompts (task.ctx_init or random) are evaluated and saved")
     bundle = instantiate(cfg.model)
     model = bundle.model.requires_grad_(False)
     train_set = build_dataset(split=task.train_split, preprocess=bundle.preprocess, **cfg.dataset)
     test_set = build_dataset(split=task.test_split, preprocess=bundle.preprocess, **cfg.dataset)
+    try:  # before any image is encoded, so a bad n_ctx / ctx_init / position fails in seconds
+        learner = PromptLearner(model, bundle.tokenizer, bundle.context_length, train_set.classnames,
+                                n_ctx=task.n_ctx, ctx_init=task.ctx_init,
+                                class_token_position=task.class_token_position, class_specific=task.class_specific)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     shots = checkpoint["shots"] if checkpoint else _sample_shots(cfg, train_set)
     save_indices(output_dir / SHOTS_FILE, shots, {"dataset": cfg.dataset.name, "split": task.train_split,
                                                   "k": task.shots, "seed": task.shot_seed})
     train_features, train_labels = split_features(cfg, bundle, train_set.subset(shots))
     test_features, test_labels = split_features(cfg, bundle, test_set)
 
-    learner = PromptLearner(model, bundle.tokenizer, bundle.context_length, train_set.classnames, n_ctx=task.n_ctx,
-                            ctx_init=task.ctx_init, class_token_position=task.class_token_position,
-                            class_specific=task.class_specific)
     optimizer = instantiate(task.optimizer)(params=[learner.ctx])
     schedule = instantiate(task.lr_schedule)
     amp = bool(task.amp) and bundle.device.type == "cuda"

@@ -77,7 +77,11 @@ def _region_mask(entry: DictConfig, index: int, size: tuple[int, int], launch_di
     if box is not None:
         return box_mask(check_box(box, size, f"{where}.box"), size)
     path = Path(mask_file).expanduser()
-    picture = load_image(path if path.is_absolute() else launch_dir / path)
+    path = path if path.is_absolute() else launch_dir / path
+    if not path.is_file():
+        raise ConfigError(f"{where}.mask={mask_file!r}: {path} does not exist; give a mask image (white = inside), "
+                          "relative paths start at the launch dir")
+    picture = load_image(path)
     return binarize_mask(to_tensor(to_grayscale(picture))[0], size, f"{where}.mask={mask_file}")
 
 
