@@ -260,7 +260,7 @@ def spatial(args: argparse.Namespace) -> dict:
 
 
 @command("generate", "ms per task=generate step, λ=0 vs λ>0 (loss.explainability)",
-         argument("--lam", type=float, default=1.0, help="loss.explainability (default: the config's 1.0)"),
+         argument("--lam", type=float, default=0.1, help="loss.explainability (default: task=generate's 0.1)"),
          *GUIDANCE_ARGUMENTS)
 def generate(args: argparse.Namespace) -> dict:
     return _guidance("generate", args)

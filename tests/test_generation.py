@@ -238,6 +238,14 @@ def test_shapes_presets_run(tmp_path, experiment, task):
     assert metrics["status"] == "ok" and "final" in images(out)
 
 
+def test_each_task_defaults_to_the_papers_lambda():
+    assert compose_config("task=generate").loss.explainability == 0.1  # FuseDream
+    assert compose_config("task=generate", "loss.explainability=0.5").loss.explainability == 0.5
+    assert compose_config("task=edit").loss.explainability == 1.0  # StyleCLIP
+    assert compose_config("task=prompt_learning").loss.explainability == 1.0  # CoOp
+    assert compose_config("task=spatial").loss.spatial == 0.15
+
+
 def test_step_timings_reports_milliseconds():
     ms = step_timings("spatial", 0.15, 1,
                       overrides=[*TINY, "task.cutouts.n=2", "task.phrases=[{text: a, box: [0, 0, 8, 8]}]"])
