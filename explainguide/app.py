@@ -8,11 +8,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from explainguide.runtime import RunContext, resolve_user_paths, seed_everything, validate
+from explainguide.tracking import record_failure
 
 log = logging.getLogger("explainguide")
 
@@ -52,6 +54,10 @@ def run_task(cfg: DictConfig, ctx: RunContext) -> dict:
     return runner(cfg, ctx)
 
 
+class JobFailed(RuntimeError):
+    """A sweep job failed: raised so that the launcher records it and runs the other jobs; the sweep then exits 1."""
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     ctx = context_from_hydra(cfg)
@@ -62,7 +68,10 @@ def main(cfg: DictConfig) -> None:
         # the job log file in the output dir.
         cause = err.__cause__ if isinstance(err, InstantiationException) and err.__cause__ else err
         log.error("%s: %s", type(cause).__name__, cause, exc_info=True, extra={"console": False})
+        record_failure(ctx.output_dir, cause)
         print(f"error: {cause}", file=sys.stderr)
         print(ctx.output_dir)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise JobFailed(f"job {ctx.output_dir} failed: {cause}") from None
         raise SystemExit(1) from None
     print(ctx.output_dir)

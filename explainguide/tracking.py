@@ -289,6 +289,16 @@ class RunRecorder:
         return "\n".join(lines) + "\n"
 
 
+def record_failure(output_dir: str | Path, err: BaseException) -> None:
+    """metrics.json {"status": "failed", "error": ...} for a run that failed before its recorder opened (a config
+    error, unreadable data), so sweeps and tables show the job as failed, not unfinished. A metrics.json already
+    there (the recorder's own, or a finished earlier run's) is kept."""
+    path = Path(output_dir) / "metrics.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, _json_bytes({"status": "failed", "error": _error_line(err)}))
+
+
 def _check_wandb_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if cfg is None:
         return None

@@ -109,6 +109,16 @@ def test_multirun_gives_one_folder_per_job(tmp_path):
     assert targets == {"cosine", "scaled"}
 
 
+def test_a_failed_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
+    out = run_cli(tmp_path, "task=explain", "model=toy_random", "debug=default", 'task.text="",a red circle',
+                  multirun=True)
+    assert out.returncode == 1
+    assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: empty prompt '' in task.text/prompts_file; give non-empty text"]
+    status = {job: json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["status"] for job in "01"}
+    assert status == {"0": "failed", "1": "ok"}
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -125,9 +135,8 @@ def test_bad_input_fails_with_one_clear_line(tmp_path, overrides, message):
     assert out.returncode == 1
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
     assert len(error_lines) == 1 and message in error_lines[0], out.stderr
-    metrics = tmp_path / "run" / "metrics.json"
-    if metrics.exists():  # a run that got as far as the recorder is marked failed, never left looking complete
-        assert json.loads(metrics.read_text())["status"] == "failed"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())  # failed, never left looking complete
+    assert metrics["status"] == "failed" and message in metrics["error"]
 
 
 def test_user_paths_resolve_against_the_launch_dir(tmp_path):

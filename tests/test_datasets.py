@@ -233,6 +233,21 @@ def test_image_folder_split_subfolder_names_and_limit(tmp_path):
     assert len(limited) == 2 and limited.labels == [0, 1] and limited.classnames == ["sea lion", "walrus"]
 
 
+def test_image_folder_without_the_split_maps_it_or_warns(tmp_path, caplog):
+    for split in ("train", "val"):
+        (tmp_path / "split" / split / "walrus").mkdir(parents=True)
+        tiny_image(0).save(tmp_path / "split" / split / "walrus" / "0.png")
+    with pytest.raises(DatasetError, match=r"has split folders \['train', 'val'\] but no 'test'; .*split_map=\{test: val\}"):
+        build_dataset("image_folder", "test", as_array, root=str(tmp_path / "split"))
+    mapped = build_dataset("image_folder", "test", as_array, root=str(tmp_path / "split"), split_map={"test": "val"})
+    assert mapped.classnames == ["walrus"] and len(mapped) == 1
+    (tmp_path / "flat" / "walrus").mkdir(parents=True)
+    tiny_image(0).save(tmp_path / "flat" / "walrus" / "0.png")
+    with caplog.at_level("WARNING"):
+        flat = build_dataset("image_folder", "train", as_array, root=str(tmp_path / "flat"))
+    assert len(flat) == 1 and "has no split folders" in caplog.text
+
+
 def test_unknown_options_names_and_sets_are_one_clear_line(tmp_path):
     with pytest.raises(DatasetError, match=r"dataset=hf has no option\(s\) \['dataset.colour'\]; its options: "
                                            r"\['hf_config', 'hf_id', 'image_column', 'label_column'\]"):

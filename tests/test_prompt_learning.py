@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
@@ -59,6 +60,8 @@ def test_run_writes_prompts_shots_checkpoint_and_per_epoch_metrics(straight):
     assert len(shots["indices"]) == 36 and shots["meta"]["k"] == 1
     assert load_file(str(straight / "prompts.safetensors"))["ctx"].dtype == torch.float32
     assert (straight / "checkpoint.pt").is_file() and (straight / "test_per_class.csv").is_file()
+    rows = list(csv.reader((straight / "learned_prompts.csv").read_text(encoding="utf-8").splitlines()))[1:]
+    assert len(rows) == 36 and all(f" {name} " in f" {words.strip()} " for name, words in rows)  # whole words
 
 
 def test_evaluate_reloads_the_saved_prompts_exactly(straight, tmp_path):
@@ -150,6 +153,19 @@ def test_shots_are_shared_across_lambda_and_reusable(tmp_path):
     shots = {name: json.loads((tmp_path / name / "shots.json").read_text())["indices"]
              for name in ("lambda0", "lambda2", "seed2")}
     assert shots["lambda0"] == shots["lambda2"] == shots["seed2"]
+
+
+def test_shots_file_from_another_split_is_rejected(tmp_path):
+    train(tmp_path / "small", "task.epochs=0", "dataset.size=36")
+    other = tmp_path / "small" / "shots.json"
+    with pytest.raises(ConfigError, match=r"was drawn from n_images=36, this run has n_images=72"):
+        train(tmp_path / "big", "task.epochs=0", f"task.shots_file={other}")
+    handmade = tmp_path / "handmade.json"
+    handmade.write_text(json.dumps({"indices": [0, 500]}))
+    with pytest.raises(ConfigError, match=r"holds index 500, outside the 72 images of split 'train'"):
+        train(tmp_path / "hand", "task.epochs=0", f"task.shots_file={handmade}")
+    meta = json.loads((tmp_path / "small" / "shots.json").read_text())["meta"]
+    assert meta["n_images"] == 36 and meta["dataset"] == "shapes" and meta["k"] == 1
 
 
 def test_nan_loss_stops_the_run_naming_step_and_term(tmp_path):

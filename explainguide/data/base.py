@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 from typing import Callable, Sequence
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Subset
 
 # load_image reads files only; bytes from shards and Arrow rows go through its colour conversion so every
@@ -55,5 +55,5 @@ def image_from_bytes(data: bytes, where: str) -> Image.Image:
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img), WHITE)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{where}: not a readable image ({type(err).__name__}: {err}); "
-                           f"re-encode or drop this sample") from None
+        reason = "unknown image format" if isinstance(err, UnidentifiedImageError) else f"{type(err).__name__}: {err}"
+        raise DatasetError(f"{where}: not a readable image ({reason}); re-encode or drop this sample") from None

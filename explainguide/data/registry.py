@@ -12,6 +12,7 @@ class-name fixes), classnames_file, split_map.
 from __future__ import annotations
 
 import inspect
+import logging
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -23,6 +24,10 @@ from explainguide.data.base import ClassificationDataset, DatasetError
 from explainguide.data.benchmarks import resolve_classnames, resolve_templates
 from explainguide.data.templates import COMPARISON_TEMPLATES, SIMPLE_TEMPLATES
 from explainguide.images import list_images, load_image
+
+log = logging.getLogger(__name__)
+
+SPLIT_FOLDERS = ("train", "val", "test")  # image_folder: split sub-folders, when the root has them
 
 __all__ = ["DATASETS", "ClassificationDataset", "DatasetError", "build_dataset"]
 
@@ -55,9 +60,20 @@ class _ImageFolder(torch.utils.data.Dataset):
 def _build_image_folder(split: str, preprocess: Callable, root: str | None, seed: int, size: int | None):
     if not root:
         raise DatasetError("dataset=image_folder needs dataset.root=<folder with one sub-folder per class>")
-    folder = Path(root) / split if (Path(root) / split).is_dir() else Path(root)
-    if not folder.is_dir():
+    root_dir = Path(root)
+    if not root_dir.is_dir():
         raise DatasetError(f"dataset.root={str(root)!r} does not exist; point it at an image folder")
+    splits = sorted(name for name in SPLIT_FOLDERS if (root_dir / name).is_dir())
+    if (root_dir / split).is_dir():
+        folder = root_dir / split
+    elif splits:
+        raise DatasetError(f"dataset.root={str(root)!r} has split folders {splits} but no {split!r}; add it, or map "
+                           f"the split, e.g. 'dataset.split_map={{{split}: {splits[-1]}}}'")
+    else:
+        log.warning("dataset.root=%s has no split folders: split %r is the whole folder (few-shot training images "
+                    "are then test images too); use %s/ sub-folders to keep them apart", root, split,
+                    "/ ".join(SPLIT_FOLDERS))
+        folder = root_dir
     base = _ImageFolder(folder)
     return ClassificationDataset(base, preprocess, base.classnames, list(COMPARISON_TEMPLATES),
                                  [label for _, label in base.items])

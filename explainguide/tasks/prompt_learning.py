@@ -154,17 +154,36 @@ def _finished_metrics(output_dir: Path, checkpoint: dict | None, epochs: int) ->
     return metrics if metrics.get("status") == "ok" else None
 
 
-def _sample_shots(cfg: DictConfig, dataset) -> list[int]:
-    """K-shot indices into the training split (all of it when task.shots is null).
+def _shots_source(cfg: DictConfig, dataset) -> dict:
+    """What a shots file must have been drawn from: the dataset (and its folder or hub id), split and sizes."""
+    return {"dataset": cfg.dataset.name, "source": cfg.dataset.get("root") or cfg.dataset.get("hf_id"),
+            "split": cfg.task.train_split, "n_images": len(dataset), "classes": list(dataset.classnames)}
+
+
+def _sample_shots(cfg: DictConfig, dataset) -> tuple[list[int], dict]:
+    """K-shot indices into the training split (all of it when task.shots is null), and their meta for shots.json.
 
     The indices depend only on the dataset, task.shots and task.shot_seed, so runs that differ in λ share them.
+    A reused task.shots_file must come from the same training split (same source, size and classes).
     """
-    task = cfg.task
+    task, source = cfg.task, _shots_source(cfg, dataset)
     if task.shots_file:
-        return load_indices(task.shots_file).indices
+        shots = load_indices(task.shots_file)
+        for key, value in source.items():
+            theirs = shots.meta.get(key)
+            if theirs is not None and theirs != value:
+                shown = (f"{len(theirs)} classes", f"{len(value)} classes") if key == "classes" else (theirs, value)
+                raise ConfigError(f"task.shots_file={task.shots_file!r} was drawn from {key}={shown[0]!r}, this run "
+                                  f"has {key}={shown[1]!r}; give the shots.json of a run on this training split")
+        bad = [index for index in shots.indices if not 0 <= index < len(dataset)]
+        if bad:
+            raise ConfigError(f"task.shots_file={task.shots_file!r} holds index {bad[0]}, outside the {len(dataset)} "
+                              f"images of split {task.train_split!r}; give the shots.json of a run on this split")
+        return shots.indices, {**shots.meta, "reused_from": str(task.shots_file)}
+    meta = {**source, "k": task.shots, "seed": task.shot_seed}
     if task.shots is None:
-        return list(range(len(dataset)))
-    return sample_k_shot(dataset.labels, task.shots, task.shot_seed, classnames=dataset.classnames)
+        return list(range(len(dataset))), meta
+    return sample_k_shot(dataset.labels, task.shots, task.shot_seed, classnames=dataset.classnames), meta
 
 
 def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
@@ -230,9 +249,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
                                 class_token_position=task.class_token_position, class_specific=task.class_specific)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    shots = checkpoint["shots"] if checkpoint else _sample_shots(cfg, train_set)
-    save_indices(output_dir / SHOTS_FILE, shots, {"dataset": cfg.dataset.name, "split": task.train_split,
-                                                  "k": task.shots, "seed": task.shot_seed})
+    shots, shots_meta = _sample_shots(cfg, train_set)
+    shots = checkpoint["shots"] if checkpoint else shots
+    save_indices(output_dir / SHOTS_FILE, shots, shots_meta)
     train_features, train_labels = split_features(cfg, bundle, train_set.subset(shots))
     test_features, test_labels = split_features(cfg, bundle, test_set)
 
@@ -277,7 +296,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         result = evaluate_prompts(model, learner, test_features, test_labels, task.encode_batch_size)
         metrics = record_evaluation(recorder, result, learner.classnames, task.test_split)
         nearest = decode_prompts(learner, model)
-        words = [bundle.tokenizer.decode(ids[1 : int(ids.argmax())].tolist()).strip() for ids in nearest]
+        # Token by token, as CoOp's interpret_prompt: a context token's nearest word is no word piece of the next.
+        words = [" ".join(bundle.tokenizer.decode([token]).strip() for token in ids[1 : int(ids.argmax())].tolist())
+                 for ids in nearest]
         recorder.table("learned_prompts", ["class", "nearest_words"], list(zip(learner.classnames, words)))
         save_prompts(output_dir / PROMPTS_FILE, learner, task.ctx_init, {**facts, "config": _fingerprint(cfg)})
         last = state["history"][-1] if state["history"] else {}
