@@ -127,7 +127,8 @@ def coop_cells(jobs: list[Job], grids: list[dict], metric: str) -> dict[tuple, d
                                  f"seed={key['seed']}: {by_seed[key['seed']].where} and {job.where}; give a "
                                  "sweep dir that holds one sweep per dataset and model")
             by_seed[key["seed"]] = job
-    if seen and not any(metric in job.metrics for job in jobs if job.status == "ok"):
+    finished = [job for job in jobs if job.status == "ok"]
+    if seen and finished and not any(metric in job.metrics for job in finished):  # a typo, not a failed sweep
         available = sorted({key for job in jobs for key in job.metrics if "/" in key})
         raise SystemExit(f"--metric {metric} is in no finished job's metrics; available: {available}")
     expected: dict[tuple, set] = defaultdict(set)

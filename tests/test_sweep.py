@@ -115,6 +115,23 @@ def test_table_names_failed_and_missing_seeds_and_never_averages_them(tmp_path):
     assert rows["1.0"]["seeds_failed"] == "2" and rows["1.0"]["seeds_missing"] == "3"
 
 
+def test_a_sweep_whose_jobs_all_failed_still_gets_its_table(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    base = OmegaConf.to_container(compose_hydra("experiment=coop_shapes", "model=toy_random"), resolve=False)
+    hydra = base.pop("hydra")
+    for seed in (1, 2):
+        job = sweep_dir / f"loss.explainability=0,seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create({**base, "seed": seed, "loss": {**base["loss"], "explainability": 0.0}}),
+                       job / ".hydra" / "config.yaml")
+        (job / "metrics.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    hydra["sweeper"]["params"] = {"loss.explainability": "0", "seed": "1,2"}
+    hydra["overrides"]["task"] = ["experiment=coop_shapes", "model=toy_random"]
+    OmegaConf.save(OmegaConf.create({**base, "hydra": hydra}), sweep_dir / "multirun.yaml")
+    make_table.main([str(sweep_dir), "--name", "coop"])
+    assert "failed 1, 2" in (sweep_dir / "coop.md").read_text()
+
+
 def test_zero_shot_runs_give_a_template_by_dataset_table(tmp_path):
     base = OmegaConf.to_container(compose_hydra("task=zero_shot", "model=toy"), resolve=False)
     base.pop("hydra")
