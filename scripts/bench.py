@@ -230,7 +230,7 @@ def relevance(args: argparse.Namespace) -> dict:
 # -- guidance tasks (spatial, generate, edit): ms per optimisation step at the task's config defaults -----------
 
 def _guidance(task: str, args: argparse.Namespace) -> dict:
-    from explainguide.tasks.generate import step_timings
+    from explainguide.tasks.guided import step_timings
 
     overrides = [f"device={args.device}", *args.override]
     for _ in range(args.warmup):

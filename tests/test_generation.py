@@ -28,7 +28,7 @@ from explainguide.guidance import (
     spherical_distance,
 )
 from explainguide.runtime import ConfigError, RunContext
-from explainguide.tasks.generate import step_timings
+from explainguide.tasks.guided import step_timings
 from explainguide.tasks.spatial import regions_from_config, resolve_block
 
 TINY = ["model=toy_random", "logger=none", "progress=false", "device=cpu", "generator.size=16", "task.steps=2",

@@ -21,7 +21,7 @@ from explainguide.guidance import edit_term, similarity_loss
 from explainguide.images import EXAMPLE_IMAGE, load_image
 from explainguide.runtime import RunContext
 from explainguide.tasks.common import open_recorder
-from explainguide.tasks.generate import (
+from explainguide.tasks.guided import (
     Guide,
     Objective,
     build_generator,

@@ -41,7 +41,7 @@ from explainguide.guidance import (
 from explainguide.images import load_image
 from explainguide.runtime import ConfigError, RunContext
 from explainguide.tasks.common import open_recorder
-from explainguide.tasks.generate import (
+from explainguide.tasks.guided import (
     Guide,
     Objective,
     build_generator,
