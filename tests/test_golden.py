@@ -5,9 +5,10 @@ Every input comes from the fixture files. Tolerance: rtol=1e-3, atol=1e-5·max(1
 The golden image tower is ill-conditioned for some images (randomised LayerNorms amplify fp32 rounding by
 ~10^4): for such a sample our own fp32 and fp64 results disagree by more than the tolerance, so no fp32
 implementation on another CPU can meet it there. `assert_golden` measures that per sample. A sample either
-meets the tolerance, or is ill-conditioned (its fp32-vs-fp64 spread exceeds the tolerance) and then must be
-no farther from the reference than that spread, with a relative L2 error under 0.5%. A wrong formula moves
-samples far outside both bounds.
+meets the tolerance, or is ill-conditioned (its fp32-vs-fp64 spread exceeds the tolerance) and then our float64
+result must lie within 3x that spread of the reference, in max and in L2 norm. A wrong formula moves the
+float64 result far outside both bounds. The CoOp cases are well-conditioned at full length and are
+held to the tolerance itself.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def tolerance(expected: torch.Tensor) -> dict:
     return {"rtol": 1e-3, "atol": 1e-5 * max(1.0, expected.abs().max().item())}
 
 
+# Measured on the golden samples that miss the tolerance (x86 CPUs, AVX2/AVX-512 and ATEN_CPU_CAPABILITY=default):
+# the fixture's distance to our float64 result is 0.5-1.5x our own fp32-vs-fp64 spread.
+NOISE_FACTOR = 3.0
+
+
 def assert_golden(actual: torch.Tensor, expected: torch.Tensor, actual_fp64: torch.Tensor | None = None) -> None:
     actual = actual.detach().float()
     tol = tolerance(expected)
@@ -39,25 +45,21 @@ def assert_golden(actual: torch.Tensor, expected: torch.Tensor, actual_fp64: tor
     for index, (got, want, exact) in enumerate(zip(actual, expected, actual_fp64.detach().float())):
         if torch.allclose(got, want, **tol):
             continue
-        spread = (got - exact).abs().max()
-        error = (got - want).abs().max()
-        # Accepted only if fp32 rounding explains the miss: either the sample is ill-conditioned (our own fp32 vs
-        # fp64 spread exceeds the tolerance) and the error lies within that spread, or at every missed element we
-        # are nearer the fp64 value than the fixture is (the fixture's own fp32 rounding), for a few (<= 1%)
-        # elements each within twice its tolerance; a real bug moves many elements, and fp64 with it.
-        ill_conditioned = not torch.allclose(got, exact, **tol) and error <= spread
-        missed = ~torch.isclose(got, want, **tol)
-        allowed = tol["atol"] + tol["rtol"] * want.abs()
-        fixture_rounding = (
-            missed.sum() <= max(1, missed.numel() // 100)
-            and bool(((got - want).abs() <= 2 * allowed).all())
-            and bool(((got - exact).abs()[missed] < (want - exact).abs()[missed]).all())
+        # A miss is accepted only where fp32 rounding explains it: the sample is ill-conditioned (our own fp32 and
+        # fp64 differ by more than the tolerance), and our float64 result, the exact value of our formula, is no
+        # farther from the fixture (itself an fp32 result) than NOISE_FACTOR times that fp32 spread. A wrong
+        # formula moves the float64 result away from the fixture, whatever the conditioning.
+        spread = (got - exact).abs().max().item()
+        gap = (exact - want).abs().max().item()
+        assert not torch.allclose(got, exact, **tol) and gap <= NOISE_FACTOR * spread, (
+            f"sample {index}: fp32 error {(got - want).abs().max():.3g}, float64 error {gap:.3g}; not explained by "
+            f"fp32 rounding (our fp32-vs-fp64 spread {spread:.3g})"
         )
-        assert ill_conditioned or fixture_rounding, (
-            f"sample {index}: error {error:.3g} is not explained by fp32 rounding (our fp32-vs-fp64 spread {spread:.3g})"
+        # The same in L2 over the whole sample, so a few large errors cannot hide behind one noisy element.
+        assert (exact - want).norm() <= NOISE_FACTOR * (got - exact).norm(), (
+            f"sample {index}: float64 L2 error {(exact - want).norm():.3g} exceeds {NOISE_FACTOR}x the fp32 spread "
+            f"{(got - exact).norm():.3g}"
         )
-        relative = ((got - want).norm() / want.norm()).item()
-        assert relative < 5e-3, f"sample {index}: relative L2 error {relative:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -173,15 +175,16 @@ def _coop_learner(bundle, reference, case, name, model=None):
     return learner
 
 
-def _coop_ctx_grad64(bundle, golden64, case, name, also_minimize, labels_only=False):
-    """The ctx gradient in float64: how far fp32 rounding alone moves each context row."""
-    model64, reference64 = golden64
-    learner = _coop_learner(bundle, reference64, case, name, model=model64)
+def _coop_ctx_grad(bundle, reference, case, name, also_minimize, labels_only=False, trim_padding=False,
+                   model=None):
+    """(ClassScores, objective terms, ctx gradient) of one golden case through the learner and the objective."""
+    learner = _coop_learner(bundle, reference, case, name, model=model)
     labels = torch.tensor(case["labels"])
-    result = class_name_scores(model64, reference64["image_features"], learner(), learner.token_ids,
-                               learner.class_mask, labels=labels if labels_only else None)
-    coop_objective(result.logits, result.scores, labels, lam=1.0, also_minimize=also_minimize)["total"].backward()
-    return learner.ctx.grad
+    result = class_name_scores(model or bundle.model, reference["image_features"], learner(), learner.token_ids,
+                               learner.class_mask, labels=labels if labels_only else None, trim_padding=trim_padding)
+    objective = coop_objective(result.logits, result.scores, labels, lam=1.0, also_minimize=also_minimize)
+    objective["total"].backward()
+    return result, objective, learner.ctx.grad
 
 
 @pytest.mark.parametrize("name", COOP_CASES)
@@ -193,25 +196,16 @@ def test_coop_prompt_tokens(golden, name):
 
 @pytest.mark.parametrize("name", COOP_CASES)
 @pytest.mark.parametrize("also_minimize", [False, True])
-def test_coop_logits_scores_and_ctx_gradient(golden, golden64, name, also_minimize):
-    """The learner from stored image features (the frozen image tower's output, checked above).
-
-    Context rows are checked one by one (`assert_golden`): a row off by more than the tolerance must be explained by
-    fp32 rounding (measured: coop_middle row 1, element 37: ours 0.194205, fp64 0.194225, fixture 0.195244)."""
+def test_coop_logits_scores_and_ctx_gradient(golden, name, also_minimize):
+    """The learner from stored image features (the frozen image tower's output, checked above), all 77 text
+    positions as the reference computes them: logits, scores, losses and the ctx gradient at the strict tolerance."""
     bundle, reference, meta = golden
     case = meta["cases"][name]
-    learner = _coop_learner(bundle, reference, case, name)
-    labels = torch.tensor(case["labels"])
-    result = class_name_scores(
-        bundle.model, reference["image_features"], learner(), learner.token_ids, learner.class_mask
-    )
-    objective = coop_objective(result.logits, result.scores, labels, lam=1.0, also_minimize=also_minimize)
-    objective["total"].backward()
+    result, objective, grad = _coop_ctx_grad(bundle, reference, case, name, also_minimize)
     assert_golden(result.logits, reference[f"{name}__logits"])
     assert_golden(result.scores, reference[f"{name}__expl_scores"])
     suffix = "_also_minimize" if also_minimize else ""
-    assert_golden(learner.ctx.grad, reference[f"{name}__grad_ctx{suffix}"],
-                  _coop_ctx_grad64(bundle, golden64, case, name, also_minimize))
+    assert_golden(grad, reference[f"{name}__grad_ctx{suffix}"])
     expected_total = case["total_loss_lambda_1_also_minimize" if also_minimize else "total_loss_lambda_1"]
     assert objective["ce"].item() == pytest.approx(case["ce_loss"], rel=1e-4)
     if not also_minimize:  # the json's expl_loss is the label term alone
@@ -220,15 +214,25 @@ def test_coop_logits_scores_and_ctx_gradient(golden, golden64, name, also_minimi
 
 
 @pytest.mark.parametrize("name", COOP_CASES)
-def test_coop_label_only_path_matches_all_pairs(golden, golden64, name):
-    """With also-minimize off only the B label scores are computed; the gradient must be the same."""
+def test_coop_label_only_path_matches_all_pairs(golden, name):
+    """With also-minimize off only the B label scores are computed; the gradient must be the golden one."""
     bundle, reference, meta = golden
+    _, _, grad = _coop_ctx_grad(bundle, reference, meta["cases"][name], name, also_minimize=False, labels_only=True)
+    assert_golden(grad, reference[f"{name}__grad_ctx"])
+
+
+@pytest.mark.parametrize("name", COOP_CASES)
+@pytest.mark.parametrize("labels_only", [False, True])
+def test_trimming_the_padding_is_exact(golden, golden64, name, labels_only):
+    """Training runs the text encoder only up to the last EOT. In float64 that gives the full-length gradient to
+    1e-9: the cut is exact. (In fp32 it moves the rounding of this ill-conditioned gradient by up to 3.4e-3 of
+    max 81 on near-zero elements, within our own fp32-vs-fp64 spread of 4.6e-3, so fp32 is checked at full length.)"""
+    bundle, _, meta = golden
+    model64, reference64 = golden64
     case = meta["cases"][name]
-    learner = _coop_learner(bundle, reference, case, name)
-    labels = torch.tensor(case["labels"])
-    result = class_name_scores(
-        bundle.model, reference["image_features"], learner(), learner.token_ids, learner.class_mask, labels=labels
-    )
-    coop_objective(result.logits, result.scores, labels, lam=1.0, also_minimize=False)["total"].backward()
-    assert_golden(learner.ctx.grad, reference[f"{name}__grad_ctx"],
-                  _coop_ctx_grad64(bundle, golden64, case, name, also_minimize=False, labels_only=True))
+    grads = [
+        _coop_ctx_grad(bundle, reference64, case, name, also_minimize=not labels_only, labels_only=labels_only,
+                       trim_padding=trim, model=model64)[2]
+        for trim in (False, True)
+    ]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-9)

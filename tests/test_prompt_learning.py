@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from explainguide.app import run_task
 from explainguide.data.few_shot import save_indices
+from explainguide.explain.class_scores import class_name_scores
 from explainguide.explain.tokens import tokenize
 from explainguide.models import load_clip
 from explainguide.prompts import PromptLearner, decode_prompts
@@ -209,6 +210,21 @@ def test_decoded_prompts_from_ctx_init_give_back_the_words(toy, class_specific):
     expected = tokenize(toy.tokenizer, [f"a photo of a {name.replace('_', ' ')}." for name in names],
                         toy.context_length)
     assert torch.equal(decode_prompts(learner, toy.model), expected)
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_label_scores_equal_all_pairs_when_the_labels_miss_the_longest_name(toy, position):
+    """The label-only path encodes just the label prompts, which can end before the longest class name's EOT."""
+    names = ["opossum", "wet car", "yorkshire terrier with a very long name"]
+    learner = PromptLearner(toy.model, toy.tokenizer, toy.context_length, names, n_ctx=4,
+                            class_token_position=position)
+    features = torch.randn(3, toy.model.text_projection.shape[1], generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 0])
+    all_pairs = class_name_scores(toy.model, features, learner(), learner.token_ids, learner.class_mask)
+    label_only = class_name_scores(toy.model, features, learner(), learner.token_ids, learner.class_mask,
+                                   labels=labels)
+    torch.testing.assert_close(label_only.scores, all_pairs.scores[torch.arange(3), labels], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(label_only.logits, all_pairs.logits)
 
 
 @pytest.mark.parametrize("overrides, message", [
