@@ -20,11 +20,13 @@ log = logging.getLogger("explainguide")
 
 
 class NotOnConsole(logging.Filter):
-    """Keeps records logged with extra={"console": False} off the console (conf/hydra/default.yaml): the failure
-    line is printed once as `error: ...` on stderr and kept in the job log file."""
+    """Keeps two kinds of records off the console (conf/hydra/default.yaml), in the job log file only: those
+    logged with extra={"console": False} (the failure line is printed once as `error: ...` on stderr), and
+    libraries' INFO chatter on the root logger (open_clip's "Loading ..." lines on every model load)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(record, "console", True)
+        chatter = record.name == "root" and record.levelno < logging.WARNING
+        return getattr(record, "console", True) and not chatter
 
 
 def context_from_hydra(cfg: DictConfig) -> RunContext:
@@ -63,6 +65,12 @@ def main(cfg: DictConfig) -> None:
     ctx = context_from_hydra(cfg)
     try:
         run_task(cfg, ctx)
+    except KeyboardInterrupt:
+        log.error("interrupted", exc_info=True, extra={"console": False})
+        record_failure(ctx.output_dir, KeyboardInterrupt("interrupted"))
+        print(f"error: interrupted; {ctx.output_dir} keeps what finished (prompt learning resumes from its last "
+              "checkpoint when the same command is run again)", file=sys.stderr)
+        raise SystemExit(130) from None
     except Exception as err:
         # Instantiation wraps the real error; show the cause. One clear line for the user; the traceback goes to
         # the job log file in the output dir.

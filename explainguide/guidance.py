@@ -8,8 +8,8 @@ checked here once, with one-line errors naming the value and the fix.
 
 from __future__ import annotations
 
+import logging
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from numbers import Integral
 
@@ -26,6 +26,8 @@ from explainguide.explain.scores import (
     word_token_relevance,
 )
 from explainguide.runtime import ConfigError
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------
 # Similarity losses: cosine (...) -> loss (...)
@@ -126,8 +128,8 @@ def check_box(box: Sequence, size: tuple[int, int], where: str) -> tuple[int, in
         )
     clipped = (clipped_left, clipped_top, right - clipped_left, bottom - clipped_top)
     if clipped != (left, top, width, height):
-        warnings.warn(f"{where}={values} reaches outside the {image_w}x{image_h} image; clipped to {list(clipped)}",
-                      stacklevel=2)
+        log.warning("%s=%s reaches outside the %dx%d image; clipped to %s", where, values, image_w, image_h,
+                    list(clipped))
     return clipped
 
 
@@ -142,8 +144,13 @@ def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> torch.Ten
 def binarize_mask(gray: torch.Tensor, size: tuple[int, int], where: str) -> torch.Tensor:
     """A mask picture (h, w) in [0, 1] (white = inside) resized bilinearly to `size` and rounded -> (H, W) in {0, 1}.
 
-    Raises ConfigError when nothing is left inside. `where` names the config entry.
+    Warns when the picture has another size; raises ConfigError when nothing is left inside. `where` names the
+    config entry.
     """
+    if tuple(gray.shape) != tuple(size):
+        log.warning("%s is %dx%d, the generated image %dx%d: resized to it (draw it at that size to keep "
+                    "its edges)", where, gray.shape[1],
+                    gray.shape[0], size[1], size[0])
     resized = F.interpolate(gray[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
     mask = resized.round()
     if not mask.any():

@@ -32,6 +32,7 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 EXAMPLE_IMAGE = Path(__file__).parent / "assets" / "example.png"
+EXAMPLE_PROMPTS = ("a red circle", "a blue square", "a red circle and a blue square")  # what EXAMPLE_IMAGE shows
 
 # 16-bit grayscale modes: numpy reads them as (big- or little-endian) uint16,
 # or int32 for "I", which is how PIL opens 16-bit PNG/TIFF data.

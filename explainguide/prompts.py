@@ -64,11 +64,16 @@ class PromptLearner(nn.Module):
             with torch.no_grad():
                 init = token_embeddings(model, init_ids.to(embed.device))[0, 1 : 1 + n_ctx].float()
             placeholder = ctx_init
+        elif not n_ctx:
+            raise ValueError("task.n_ctx is null and task.ctx_init is empty: give task.n_ctx (e.g. 16) or task.ctx_init "
+                             "(e.g. 'a photo of a'; n_ctx then follows its token count)")
         else:
-            init = torch.randn(n_ctx, width) * init_std
+            # Class-specific random contexts are drawn independently per class, as CoOp's CSC does.
+            shape = (len(classnames), n_ctx, width) if class_specific else (n_ctx, width)
+            init = torch.randn(*shape) * init_std
             placeholder = " ".join(["X"] * n_ctx)
-        if class_specific:
-            init = init.unsqueeze(0).repeat(len(classnames), 1, 1)
+        if class_specific and init.dim() == 2:
+            init = init.unsqueeze(0).repeat(len(classnames), 1, 1)  # from words: every class starts from them
         self.ctx = nn.Parameter(init.to(device=embed.device, dtype=torch.float32))  # fp32 even under AMP
         self.n_ctx, self.classnames, self.class_token_position = n_ctx, classnames, class_token_position
 

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from explainguide.config_rules import rule_violations
+
 log = logging.getLogger(__name__)
 
 # Config keys that hold user paths; they are resolved against the launch directory, whatever hydra.job.chdir says.
@@ -36,6 +38,10 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the key, the value and the fix."""
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A loss term became NaN or Inf during training or guidance; the message names the step, the term and a fix."""
+
+
 def resolve_user_paths(cfg: DictConfig, launch_dir: Path) -> None:
     """Make every user path in USER_PATH_KEYS absolute against `launch_dir` (in place)."""
     with open_dict(cfg):
@@ -53,10 +59,9 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (no default); add "
                           + " ".join(f"{key}=<value>" for key in missing) + " (the config group's comments say what)")
-    for key in ("explainability", "similarity", "spatial", "l2"):
-        value = cfg.loss.get(key)
-        if value is not None and value < 0:
-            raise ConfigError(f"loss.{key}={value} is negative; weights must be >= 0 (0 turns the term off)")
+    problems = rule_violations(cfg)
+    if problems:
+        raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
 
 
 def seed_everything(seed: int | None) -> None:

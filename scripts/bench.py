@@ -23,10 +23,27 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from hydra.errors import HydraException
 
 from explainguide.models import load_clip
 from explainguide.prompts import PromptLearner
+from explainguide.runtime import ConfigError
 from explainguide.tasks.prompt_learning import train_step
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = Path(os.environ.get("EXPLAINGUIDE_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
@@ -51,9 +68,9 @@ COMMON = (
     argument("--checkpoint", default=str(GOLDEN_CHECKPOINT),
              help="CLIP state dict for coop and relevance (default: the golden tiny CLIP)"),
     argument("--device", default="cpu", help="cpu | cuda | cuda:N"),
-    argument("--steps", type=int, default=10, help="timed steps per setting (fastest and median are reported)"),
-    argument("--warmup", type=int, default=2, help="untimed steps first"),
-    argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"),
+    argument("--steps", type=positive_int, default=10, help="timed steps per setting (fastest and median are reported)"),
+    argument("--warmup", type=non_negative_int, default=2, help="untimed steps first"),
+    argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)"),
 )
 
 
@@ -107,9 +124,9 @@ COOP_SETTINGS = {  # name -> (λ, also_minimize)
 
 @command(
     "coop", "ms per CoOp training step (forward, backward, SGD on ctx; image features precomputed) and peak memory",
-    argument("--classes", type=int, default=100),
-    argument("--batch", type=int, default=8),
-    argument("--n-ctx", type=int, default=16),
+    argument("--classes", type=positive_int, default=100),
+    argument("--batch", type=positive_int, default=8),
+    argument("--n-ctx", type=positive_int, default=16),
     argument("--position", default="middle", help="class token position: end | middle | front"),
     argument("--amp", action="store_true", help="autocast fp16 + GradScaler (CUDA only), as task.amp"),
 )
@@ -133,14 +150,14 @@ def coop(args: argparse.Namespace) -> dict:
         autocast = torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp)
         steps[name] = functools.partial(train_step, model, learner, optimizer, scaler, autocast, features, labels,
                                         lam, also_minimize, 0)
+    for _ in range(max(args.warmup, 1)):  # first calls allocate lazily; measuring them would bill the first setting
+        for step in steps.values():
+            step()
     memory = {}
-    for name, step in steps.items():  # the first step of each setting, alone, for its memory peak
+    for name, step in steps.items():  # one warm step of each setting, alone, for its memory peak
         baseline = reset(device)
         step()
         memory[name] = round(peak(device, baseline) / 2**20, 1)
-    for _ in range(args.warmup):
-        for step in steps.values():
-            step()
     times = {name: [] for name in steps}
     for _ in range(args.steps):  # settings interleaved, so a load change on the machine hits them all alike
         for name, step in steps.items():
@@ -180,8 +197,8 @@ def _median_ms(fn, steps: int, warmup: int, device) -> float:
 @command(
     "relevance",
     "text relevance for N prompts and image relevance for M images vs a plain forward+backward of the same batch",
-    argument("--prompts", type=int, default=64, help="prompts in the text batch"),
-    argument("--images", type=int, default=16, help="images in the image batch"),
+    argument("--prompts", type=positive_int, default=64, help="prompts in the text batch"),
+    argument("--images", type=positive_int, default=16, help="images in the image batch"),
 )
 def relevance(args: argparse.Namespace) -> dict:
     from explainguide.explain.engine import explain_pairs
@@ -248,7 +265,7 @@ def _guidance(task: str, args: argparse.Namespace) -> dict:
 GUIDANCE_ARGUMENTS = (
     argument("--override", action="append", default=[],
              help="Hydra override, repeatable (the config's default model is the toy CLIP), e.g. generator.size=64"),
-    argument("--repeats", type=int, default=3, help="timed runs of --steps steps per λ; the fastest is reported"),
+    argument("--repeats", type=positive_int, default=3, help="timed runs of --steps steps per λ; the fastest is reported"),
 )
 
 
@@ -286,7 +303,11 @@ def main(argv: list[str] | None = None) -> None:
                      "next to the checkout (or set EXPLAINGUIDE_GOLDEN_DIR), or give --checkpoint <CLIP state dict>")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(COMMANDS[args.command][0](args), indent=2))
+    try:
+        result = COMMANDS[args.command][0](args)
+    except (ConfigError, HydraException) as err:  # a bad --override: one line, as the app gives
+        parser.error(str(err))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

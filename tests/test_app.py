@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from explainguide import app
 from explainguide.app import run_task
 from explainguide.runtime import ConfigError, RunContext
 
@@ -90,6 +91,16 @@ def test_explain_run_writes_everything_and_prints_the_output_dir(tmp_path):
     assert metrics["prompts"] == [TRICKY_PROMPT, "a blue square", "the sky: blue, = #2"]
     pngs = sorted(p.name for p in (run_dir / "images").glob("*.png"))
     assert len(pngs) == 6 and any("heatmap" in p for p in pngs) and any("tokens" in p for p in pngs)
+
+
+def test_a_prompts_file_alone_replaces_the_example_prompts_and_library_chatter_stays_in_the_log(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a green star\n", encoding="utf-8")
+    out = run_cli(tmp_path, "task=explain", "model=toy", "logger=none", "progress=false",
+                  "task.prompts_file=prompts.txt")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["prompts"] == ["a green star"]
+    assert "[root][INFO]" not in out.stdout + out.stderr  # open_clip's model-loading lines
+    assert "[root][INFO]" in (tmp_path / "run" / "app.log").read_text()
 
 
 def test_quoted_prompt_reaches_the_program_byte_identical():
@@ -172,7 +183,7 @@ def test_required_values_are_named_with_the_fix(tmp_path, overrides, keys):
 
 def test_negative_lambda_is_rejected_before_any_work(tmp_path):
     cfg = compose_config("loss.explainability=-0.5")
-    with pytest.raises(ConfigError, match=r"loss.explainability=-0.5 is negative"):
+    with pytest.raises(ConfigError, match=r"loss.explainability=-0.5: give a finite number >= 0"):
         run_task(cfg, RunContext(output_dir=tmp_path, launch_dir=tmp_path))
     assert not any(tmp_path.iterdir())
 
@@ -196,3 +207,16 @@ def test_main_job_debug_size_end_to_end(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "ok" and metrics["zero_shot/n_images"] == 30
     assert "templates" in (run_dir / "summary.md").read_text()
+
+
+def test_ctrl_c_is_one_line_exit_130_and_a_failed_record(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg, ctx):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(app, "run_task", interrupted)
+    monkeypatch.setattr(sys, "argv", ["explainguide", "task=explain", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        app.main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.startswith("error: interrupted;")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"

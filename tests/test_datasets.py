@@ -233,6 +233,19 @@ def test_image_folder_split_subfolder_names_and_limit(tmp_path):
     assert len(limited) == 2 and limited.labels == [0, 1] and limited.classnames == ["sea lion", "walrus"]
 
 
+def test_image_folder_labels_mean_the_same_class_in_every_split(tmp_path, caplog):
+    for split, classes in (("train", ("blue", "red")), ("test", ("green", "red"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            tiny_image(0).save(tmp_path / split / cls / "0.png")
+    with caplog.at_level("WARNING"):
+        test = build_dataset("image_folder", "test", as_array, root=str(tmp_path))
+    train = build_dataset("image_folder", "train", as_array, root=str(tmp_path))
+    assert test.classnames == train.classnames == ["blue", "green", "red"]
+    assert test.labels == [1, 2] and train.labels == [0, 2]
+    assert "test/ lacks ['blue']; train/ lacks ['green']" in caplog.text
+
+
 def test_image_folder_without_the_split_maps_it_or_warns(tmp_path, caplog):
     for split in ("train", "val"):
         (tmp_path / "split" / split / "walrus").mkdir(parents=True)

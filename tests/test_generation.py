@@ -4,7 +4,9 @@ result on the toy model. Runs use tiny images (16-64 px) and a few steps."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from PIL import Image
 
 from explainguide.app import run_task
 from explainguide.explain.tokens import WordSelection, WordSpan, scaled_token_weights
+from explainguide.generators import build_generator
 from explainguide.guidance import (
     area_scaled_weight,
     augclip_score,
@@ -27,8 +30,8 @@ from explainguide.guidance import (
     spatial_dice,
     spherical_distance,
 )
-from explainguide.runtime import ConfigError, RunContext
-from explainguide.tasks.guided import step_timings
+from explainguide.runtime import ConfigError, NonFiniteLoss, RunContext
+from explainguide.tasks.guided import optimise, step_timings
 from explainguide.tasks.spatial import regions_from_config, resolve_block
 
 TINY = ["model=toy_random", "logger=none", "progress=false", "device=cpu", "generator.size=16", "task.steps=2",
@@ -128,11 +131,19 @@ def test_bad_boxes_are_config_errors(box, message):
         check_box(box, (32, 32), "task.phrases[0].box")
 
 
-def test_box_reaching_outside_is_clipped_with_a_warning():
-    with pytest.warns(UserWarning, match=r"clipped to \[0, 8, 12, 16\]"):
+def warnings_of(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+
+
+def test_box_reaching_outside_is_clipped_with_a_logged_warning(caplog):
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")  # a log line, not a Python warning with file:line
         assert check_box([-4, 8, 16, 16], (32, 32), "box") == (0, 8, 12, 16)
-    with pytest.warns(UserWarning, match=r"clipped to \[20, 24, 12, 8\]"):
         assert check_box([20, 24, 30, 30], (32, 32), "box") == (20, 24, 12, 8)
+    assert warnings_of(caplog, "explainguide.guidance") == [
+        "box=[-4, 8, 16, 16] reaches outside the 32x32 image; clipped to [0, 8, 12, 16]",
+        "box=[20, 24, 30, 30] reaches outside the 32x32 image; clipped to [20, 24, 12, 8]",
+    ]
 
 
 def test_empty_mask_picture_is_rejected():
@@ -157,6 +168,8 @@ def test_first_block_counts_from_the_end():
         ("[{text: a red circle, box: [40, 40, 8, 8]}]", "wholly outside"),
         ("[{text: a red circle}]", "exactly one of box"),
         ("[{box: [0, 0, 8, 8]}]", "has no text"),
+        ("[{txt: a red circle, box: [0, 0, 8, 8]}]",
+         r"task.phrases\[0\] has unknown key\(s\) \['txt'\]; its keys are \['text', 'box', 'mask'\]"),
         ("[{text: a red circle, mask: nowhere.png}]", r"task.phrases\[0\].mask='nowhere.png': .*nowhere.png does not exist"),
     ],
 )
@@ -168,15 +181,75 @@ def test_spatial_phrases_fail_before_the_model_is_built(tmp_path, phrases, messa
     assert not (tmp_path / "out").exists()
 
 
-def test_mask_files_resolve_against_the_launch_dir(tmp_path):
+def test_mask_files_resolve_against_the_launch_dir_and_warn_when_resized(tmp_path, caplog):
     picture = np.zeros((20, 20), dtype=np.uint8)
     picture[:, :10] = 255
     Image.fromarray(picture).save(tmp_path / "left.png")
     cfg = compose_config("task=spatial", *TINY, "generator.size=32",
                          "task.phrases=[{text: a red circle, mask: left.png}]")
-    (region,) = regions_from_config(cfg, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        (region,) = regions_from_config(cfg, tmp_path)
     assert region.mask.shape == (32, 32) and float(region.mask.mean()) == pytest.approx(0.5)
     assert region.text == "a photo of a red circle" and region.weight == pytest.approx(0.15 / math.sqrt(0.5))
+    [warning] = warnings_of(caplog, "explainguide.guidance")
+    assert "task.phrases[0].mask=left.png is 20x20, the generated image 32x32: resized" in warning
+    Image.fromarray(np.pad(picture, ((6, 6), (6, 6)))).save(tmp_path / "same.png")  # 32x32: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        regions_from_config(compose_config("task=spatial", *TINY, "generator.size=32",
+                                           "task.phrases=[{text: a, mask: same.png}]"), tmp_path)
+    assert not warnings_of(caplog, "explainguide.guidance")
+
+
+def test_regions_under_one_percent_of_the_image_warn(tmp_path, caplog):
+    phrases = "task.phrases=[{text: a, box: [0, 0, 3, 3]}, {text: b, box: [8, 8, 4, 4]}]"  # 0.88 % and 1.56 %
+    with caplog.at_level(logging.WARNING):
+        tiny, small = regions_from_config(compose_config("task=spatial", *TINY, "generator.size=32", phrases),
+                                          tmp_path)
+    [warning] = warnings_of(caplog, "explainguide.tasks.spatial")
+    assert warning.startswith("task.phrases[0] covers 0.88 % of the 32x32 image (9 px), so λ_i = 1.6")
+    assert "enlarge its box or mask" in warning and tiny.weight == pytest.approx(0.15 / math.sqrt(9 / 1024))
+
+
+# Flags parsed without the tokenizer; an unknown model would fail as soon as it is built, so these come first.
+@pytest.mark.parametrize("task", ["generate", "edit"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("0 0 0 0 0 0 0", r"task.words='0 0 0 0 0 0 0' marks no word \(all flags are 0\); give each desired word"),
+        ("0 -1 0 0 0 0 1", r"task.words: word flags '0 -1 0 0 0 0 1' include negative weights \[-1.0\]; give 0"),
+    ],
+)
+def test_all_zero_or_negative_flags_fail_before_the_model_is_built(tmp_path, task, flags, message):
+    cfg = compose_config(f"task={task}", *TINY, "model.name=ViT-B-99", "task.word_mode=flags",
+                         f'task.words="{flags}"')
+    with pytest.raises(ConfigError, match=message):
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_loss_stops_at_its_step_naming_the_terms():
+    generator = build_generator("pixel", 8)
+    start = generator.logits.detach().clone()
+    seen = []
+
+    def objective(image):
+        seen.append(len(seen))
+        term = image.mean() * (float("nan") if len(seen) == 3 else 1.0)
+        return {"loss": term, "similarity": image.mean(), "explainability": term}
+
+    with pytest.raises(NonFiniteLoss, match=r"^edit: non-finite loss at step 2 \(loss=nan, explainability=nan\);"
+                                                 r" the run stopped. Lower task.lr \(now 0.1\) or the λ "
+                                                 r"loss.explainability$"):
+        optimise(generator, objective, steps=5, lr=0.1, lambda_key="loss.explainability", desc="edit")
+    assert seen == [0, 1, 2]  # stopped at once, and the NaN step was not taken:
+    assert torch.isfinite(generator.logits).all() and not torch.equal(generator.logits, start)
+
+
+def test_edit_whose_loss_overflows_fails_instead_of_finishing_ok(tmp_path):
+    cfg = compose_config("task=edit", *TINY, "task.lr=1", "loss.l2=1e38", "task.steps=3")  # the anchor overflows
+    with pytest.raises(NonFiniteLoss, match=r"edit: non-finite loss at step 1 \(loss=inf"):
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
 
 
 def test_too_small_generator_is_rejected_up_front(tmp_path):
@@ -210,11 +283,25 @@ def test_generate_without_neglected_words_skips_the_second_run(tmp_path):
     assert metrics["generate/word_scores_guided"] == metrics["generate/word_scores_plain"]
 
 
-def test_edit_with_equal_flags_runs_and_writes_its_files(tmp_path):
-    metrics, out = run(tmp_path, "task=edit", *TINY, "task.word_mode=flags", 'task.words="1 1 1 1 1 1 1"')
+def test_edit_with_equal_flags_runs_warns_once_and_writes_its_files(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        metrics, out = run(tmp_path, "task=edit", *TINY, "task.word_mode=flags", 'task.words="1 1 1 1 1 1 1"')
     assert metrics["status"] == "ok" and metrics["edit/word_weights"] == [1.0] * 7
+    [warning] = warnings_of(caplog, "explainguide.tasks.edit")
+    assert "weighs all 7 words equally, so the editing score is the constant 1/7" in warning
+    assert "loss.explainability has no effect; weigh the desired words above the others" in warning
     assert math.isfinite(metrics["edit/edit_score_final"]) and metrics["edit/mean_abs_change"] > 0
     assert {"start", "final", "final_grid", "final_loss", "start_tokens", "final_relevance"} <= images(out)
+
+
+def test_edit_warns_when_the_image_is_stretched(tmp_path, caplog):
+    Image.fromarray(np.zeros((16, 32, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    with caplog.at_level(logging.WARNING):
+        metrics, _ = run(tmp_path, "task=edit", *TINY, "task.image=wide.png", "task.steps=1")
+    assert metrics["status"] == "ok"
+    [warning] = warnings_of(caplog, "explainguide.generators.base")
+    assert warning.startswith("generator=pixel: init image 32x16 stretched to 16x16 (another aspect ratio)")
+    assert warning.endswith("generator.size=[16, 32]")
 
 
 def test_spatial_runs_two_phrases_and_writes_its_files(tmp_path):

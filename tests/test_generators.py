@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 import warnings
@@ -128,6 +129,20 @@ def test_init_from_image_reproduces_the_image(name):
     assert generator().shape == (1, 3, 32, 48)
 
 
+def logged_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_init_image_of_another_aspect_ratio_warns_with_both_sizes(caplog):
+    generator = build_generator("pixel", 32)
+    with caplog.at_level(logging.WARNING):
+        generator.init_from_image(torch.rand(1, 3, 64, 64))  # same shape, other size: no warning
+        assert not logged_warnings(caplog)
+        generator.init_from_image(torch.rand(1, 3, 30, 60))
+    assert logged_warnings(caplog) == ["generator=pixel: init image 60x30 stretched to 32x32 (another aspect ratio); "
+                                       "crop it, or keep its shape with generator.size=[32, 64]"]
+
+
 def test_fft_spectrum_is_scaled_by_inverse_frequency():
     scale = frequency_scale(16, 16, decay_power=1.0)
     assert scale.shape == (16, 9)
@@ -145,11 +160,14 @@ def test_fft_spectrum_is_scaled_by_inverse_frequency():
 # ---------------------------------------------------------------- vqgan
 
 
-def test_vqgan_loads_lightning_checkpoint_rounds_size_and_takes_a_step(tiny_vqgan):
+def test_vqgan_loads_lightning_checkpoint_rounds_size_and_takes_a_step(tiny_vqgan, caplog):
     checkpoint, config, state = tiny_vqgan
-    with pytest.warns(UserWarning, match=r"rounded to \[64, 48\]"):
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")  # a log line, not a Python warning
         generator = build_generator("vqgan", [70, 50], checkpoint=str(checkpoint), config=str(config))
     assert generator.size == (64, 48)
+    assert logged_warnings(caplog) == [
+        "generator=vqgan: size [70, 50] rounded to [64, 48] (sides must be multiples of 16)"]
     torch.testing.assert_close(generator.frozen.decoder.conv_out.weight, state["decoder.conv_out.weight"])
     torch.testing.assert_close(generator.frozen.quantize.embedding.weight, state["quantize.embedding.weight"])
     assert generator.z.shape == (1, 8, 4, 3)
@@ -200,6 +218,8 @@ def test_vqgan_errors_name_the_file_and_the_fix(tiny_vqgan, tmp_path):
         build_generator("vqgan", 64, checkpoint=str(tmp_path / "missing.ckpt"), config=str(config))
     with pytest.raises(GeneratorError, match="vqgan config .*nope.yaml not found"):
         build_generator("vqgan", 64, checkpoint=str(checkpoint), config=str(tmp_path / "nope.yaml"))
+    with pytest.raises(GeneratorError, match=r"vqgan checkpoint .*missing\.ckpt and config .*nope\.yaml not found; "):
+        build_generator("vqgan", 64, checkpoint=str(tmp_path / "missing.ckpt"), config=str(tmp_path / "nope.yaml"))
     bigger = _vqgan_yaml(tmp_path / "bigger.yaml", {**TINY_VQGAN, "ch": 64}, n_embed=16, embed_dim=8)
     with pytest.raises(GeneratorError, match="does not fit config"):
         build_generator("vqgan", 64, checkpoint=str(checkpoint), config=str(bigger))
@@ -348,6 +368,32 @@ def test_hydra_configs_instantiate(tiny_vqgan):
     assert biggan.name == "biggan" and biggan.weights is None and biggan.size == biggan.resolution
 
 
+def _compose(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(version_base="1.3", config_module="explainguide.conf"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_pixel_starts_near_grey_by_default():
+    # The shapes presets' measured setting (docs/generation_shapes.md): init_std 0.1, now pixel's own default.
+    assert OmegaConf.load(CONF / "pixel.yaml").init_std == 0.1
+    assert build_generator("pixel", 64).logits.std().item() == pytest.approx(0.1, rel=0.05)
+    for experiment in ("generate_shapes", "spatial_shapes"):
+        assert _compose(f"experiment={experiment}").generator.init_std == 0.1
+
+
+@pytest.mark.parametrize("experiment", ["generate_shapes", "spatial_shapes", "edit_shapes"])
+def test_shapes_presets_take_any_generator(tiny_vqgan, tiny_biggan, experiment):
+    checkpoint, config, _ = tiny_vqgan
+    vqgan = _compose(f"experiment={experiment}", "generator=vqgan", f"generator.checkpoint={checkpoint}",
+                     f"generator.config={config}", "seed=0")
+    assert instantiate(vqgan.generator)().shape == (1, 3, 64, 64)
+    biggan = _compose(f"experiment={experiment}", "generator=biggan", f"generator.weights={tiny_biggan}",
+                      "generator.resolution=32", "seed=0")
+    assert instantiate(biggan.generator)().shape == (1, 3, 64, 64)  # 32 px BigGAN resized to the preset's 64
+
+
 # ---------------------------------------------------------------- cutouts
 
 NO_COLOUR = {"jitter": 0.0, "noise": 0.0}
@@ -433,16 +479,25 @@ def _run_task(tmp_path: Path, *overrides: str) -> dict:
     return json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))
 
 
-def test_generate_and_spatial_run_a_step_with_a_vqgan(tiny_vqgan, tmp_path):
+def test_generate_and_spatial_run_a_step_with_a_vqgan(tiny_vqgan, tmp_path, caplog):
     checkpoint, config, _ = tiny_vqgan
     vqgan = ["generator=vqgan", f"generator.checkpoint={checkpoint}", f"generator.config={config}",
              "generator.size=40", "task.cutouts.n=2"]
-    with pytest.warns(UserWarning, match="multiple"):  # 40 px is not a multiple of the latent cell: rounded
+    with caplog.at_level(logging.WARNING):  # 40 px is not a multiple of the latent cell: rounded
         metrics = _run_task(tmp_path / "generate", "task=generate", *vqgan, "task.words=[star]")
+    assert "generator=vqgan: size [40, 40] rounded to [48, 48] (sides must be multiples of 16)" in \
+        logged_warnings(caplog)
     assert metrics["status"] == "ok" and (tmp_path / "generate" / "out" / "images" / "final.png").is_file()
     metrics = _run_task(tmp_path / "spatial", "task=spatial", *vqgan, "generator.size=32",
                         "task.phrases=[{text: a, box: [0, 0, 16, 16]}]")
     assert metrics["status"] == "ok" and len(metrics["spatial/relevance_in_mask"]) == 1
+
+
+def test_generate_shapes_preset_runs_with_a_vqgan(tiny_vqgan, tmp_path):
+    checkpoint, config, _ = tiny_vqgan
+    metrics = _run_task(tmp_path, "experiment=generate_shapes", "generator=vqgan", f"generator.checkpoint={checkpoint}",
+                        f"generator.config={config}", "task.cutouts.n=2")
+    assert metrics["status"] == "ok" and metrics["generate/guided"] is True
 
 
 def test_generate_runs_a_step_with_a_biggan(tiny_biggan, tmp_path):

@@ -13,14 +13,15 @@ from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
 from explainguide.app import run_task
+from explainguide.data import DatasetError
 from explainguide.data.few_shot import save_indices
 from explainguide.explain.class_scores import class_name_scores
 from explainguide.explain.tokens import tokenize
 from explainguide.models import load_clip
 from explainguide.prompts import PromptLearner, decode_prompts
-from explainguide.runtime import ConfigError, RunContext
+from explainguide.runtime import ConfigError, NonFiniteLoss, RunContext
 from explainguide.tasks import prompt_learning
-from explainguide.tasks.prompt_learning import NonFiniteLoss, check_finite, warmup_cosine
+from explainguide.tasks.prompt_learning import check_finite, warmup_cosine
 
 # 36 classes, 72 images per split, 1 shot -> 36 training images = 2 steps of 16 per epoch (the last 4 dropped).
 DEBUG = ["model=toy_random", "logger=none", "progress=false", "dataset.size=72", "seed=1", "loss.also_minimize=false"]
@@ -108,6 +109,13 @@ def test_evaluate_rejects_a_class_it_has_no_prompt_for(straight, tmp_path):
         run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
 
 
+def test_evaluate_refuses_prompts_learned_on_other_weights(straight, tmp_path):
+    # `straight` was trained on model=toy_random; its context vectors mean nothing for the trained toy CLIP.
+    cfg = compose_config("task=evaluate", f"task.prompts={straight}", "model=toy")
+    with pytest.raises(ConfigError, match=r"learned with model.pretrained=None, this run has model.pretrained='bundled'"):
+        run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+
+
 def test_interrupted_run_resumes_to_the_straight_result(straight, tmp_path, monkeypatch):
     save = prompt_learning._save_checkpoint
 
@@ -127,12 +135,10 @@ def test_interrupted_run_resumes_to_the_straight_result(straight, tmp_path, monk
                        load_file(str(straight / "prompts.safetensors"))["ctx"])
 
 
-def test_a_finished_two_epoch_run_extends_to_four(straight, tmp_path):
-    # Epochs 0 and 1 have the same lr for any length (warm-up, then the cosine's start), so 2 + 2 == 4.
-    train(tmp_path, "task.epochs=2")
-    metrics = train(tmp_path, "task.epochs=4")
-    assert read_rows(tmp_path) == read_rows(straight)
-    assert metrics["test/acc1"] == json.loads((straight / "metrics.json").read_text())["test/acc1"]
+def test_a_finished_run_is_not_extended_on_another_schedule(straight):
+    # The cosine spans task.epochs: epochs 5-6 of a 6-epoch run follow another lr curve than a 4-epoch run's.
+    with pytest.raises(ConfigError, match=r"task.epochs=4, this run has 6; use that value, task.resume=false"):
+        train(straight, "task.epochs=6")
 
 
 def test_rerun_of_a_finished_run_is_skipped(straight, monkeypatch):
@@ -169,9 +175,16 @@ def test_shots_file_from_another_split_is_rejected(tmp_path):
     assert meta["n_images"] == 36 and meta["dataset"] == "shapes" and meta["k"] == 1
 
 
-def test_nan_loss_stops_the_run_naming_step_and_term(tmp_path):
+def test_nan_loss_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
+    objective = prompt_learning.training_objective
+
+    def nan_expl(*args):
+        terms = objective(*args)
+        return {**terms, "total": terms["total"] * math.nan}
+
+    monkeypatch.setattr(prompt_learning, "training_objective", nan_expl)
     with pytest.raises(NonFiniteLoss, match=r"train/loss is nan at step 1"):
-        train(tmp_path, "task.epochs=1", "loss.explainability=nan")
+        train(tmp_path, "task.epochs=1")
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["status"] == "failed" and "train/loss is nan at step 1" in metrics["error"]
 
@@ -212,6 +225,20 @@ def test_decoded_prompts_from_ctx_init_give_back_the_words(toy, class_specific):
     assert torch.equal(decode_prompts(learner, toy.model), expected)
 
 
+def test_class_specific_random_contexts_are_drawn_per_class(toy):
+    torch.manual_seed(0)
+    learner = PromptLearner(toy.model, toy.tokenizer, toy.context_length, ["red circle", "blue star"], n_ctx=4,
+                            class_specific=True)
+    assert learner.ctx.shape == (2, 4, learner.ctx.shape[-1])
+    assert not torch.allclose(learner.ctx[0], learner.ctx[1])
+
+
+def test_shots_file_that_is_not_json_names_the_file(tmp_path):
+    (tmp_path / "shots.txt").write_text("red circle\n")
+    with pytest.raises(DatasetError, match=r"shots.txt: not a k-shot file"):
+        train(tmp_path / "run", f"task.shots_file={tmp_path / 'shots.txt'}")
+
+
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_label_scores_equal_all_pairs_when_the_labels_miss_the_longest_name(toy, position):
     """The label-only path encodes just the label prompts, which can end before the longest class name's EOT."""
@@ -231,8 +258,13 @@ def test_label_scores_equal_all_pairs_when_the_labels_miss_the_longest_name(toy,
     (["task.ctx_init='a photo of a'", "task.n_ctx=16"],
      r"task.n_ctx=16 but task.ctx_init='a photo of a' has 4 tokens; set task.n_ctx=4"),
     (["task.class_token_position=sideways"], r"task.class_token_position='sideways'; use one of"),
-    (["task.epochs=-1"], r"task.epochs=-1; give batch_size >= 1 and epochs >= 0"),
-    (["task.batch_size=0"], r"task.batch_size=0, task.epochs=50; give batch_size >= 1"),
+    (["task.epochs=-1"], r"task.epochs=-1: give an integer >= 0$"),
+    (["task.batch_size=0"], r"task.batch_size=0: give an integer >= 1$"),
+    (["task.n_ctx=null"], r"task.n_ctx is null and task.ctx_init is empty: give task.n_ctx"),
+    (["task.n_ctx=abc"], r"task.n_ctx='abc': give an integer >= 1 \(or null\)"),
+    (["task.class_specific=maybe"], r"task.class_specific='maybe': give true or false"),
+    (["loss.also_minimize=2"], r"loss.also_minimize=2: give true or false"),
+    (["task.optimizer.lr=-0.1"], r"task.optimizer.lr=-0.1: give a finite number > 0"),
 ])
 def test_bad_learner_options_fail_before_any_image_is_encoded(tmp_path, monkeypatch, overrides, message):
     def encoding_is_too_late(*args):

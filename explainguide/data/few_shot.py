@@ -60,7 +60,10 @@ def load_indices(path: str | Path) -> Shots:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: no such k-shot file; point at a shots JSON written by an earlier run")
-    record = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DatasetError(f"{path}: not a k-shot file ({err}); point at a shots JSON written by an earlier run") from err
     if not isinstance(record, dict) or "indices" not in record:
         raise DatasetError(f"{path}: not a k-shot file (no 'indices'); point at a shots JSON from save_indices")
     return Shots([int(index) for index in record["indices"]], dict(record.get("meta", {})))

@@ -41,12 +41,18 @@ def _build_shapes(split: str, preprocess: Callable, root: str | None, seed: int,
     return ClassificationDataset(base, Compose([to_pil_image, preprocess]), base.classnames, base.templates, labels)
 
 
+def _class_folders(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 class _ImageFolder(torch.utils.data.Dataset):
-    def __init__(self, root: Path):
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The images of `root`/<class>/ for each of `classes` (label = index in `classes`; a missing folder: none)."""
+
+    def __init__(self, root: Path, classes: list[str]):
         if not classes:
             raise DatasetError(f"dataset.root={str(root)!r} has no class sub-folders; use one folder per class")
-        self.items = [(path, label) for label, name in enumerate(classes) for path in list_images(root / name)]
+        self.items = [(path, label) for label, name in enumerate(classes) if (root / name).is_dir()
+                      for path in list_images(root / name)]
         self.classnames = classes
 
     def __len__(self) -> int:
@@ -67,14 +73,23 @@ def _build_image_folder(split: str, preprocess: Callable, root: str | None, seed
     if (root_dir / split).is_dir():
         folder = root_dir / split
     elif splits:
+        other = [name for name in splits if name != "train"] or splits  # never suggest testing on training images
         raise DatasetError(f"dataset.root={str(root)!r} has split folders {splits} but no {split!r}; add it, or map "
-                           f"the split, e.g. 'dataset.split_map={{{split}: {splits[-1]}}}'")
+                           f"the split, e.g. 'dataset.split_map={{{split}: {other[-1]}}}'")
     else:
         log.warning("dataset.root=%s has no split folders: split %r is the whole folder (few-shot training images "
                     "are then test images too); use %s/ sub-folders to keep them apart", root, split,
                     "/ ".join(SPLIT_FOLDERS))
         folder = root_dir
-    base = _ImageFolder(folder)
+    # Labels must mean the same class in every split: the class list is the union of all split folders' classes.
+    per_split = {name: set(_class_folders(root_dir / name)) for name in splits} or {split: set(_class_folders(folder))}
+    classes = sorted(set().union(*per_split.values()))
+    lacking = {name: sorted(set(classes) - found) for name, found in per_split.items() if set(classes) - found}
+    if lacking:
+        log.warning("dataset.root=%s: the split folders hold different classes (%s); labels follow the union of "
+                    "their %d classes", root, "; ".join(f"{name}/ lacks {missing}" for name, missing in lacking.items()),
+                    len(classes))
+    base = _ImageFolder(folder, classes)
     return ClassificationDataset(base, preprocess, base.classnames, list(COMPARISON_TEMPLATES),
                                  [label for _, label in base.items])
 

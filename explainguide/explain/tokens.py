@@ -16,7 +16,7 @@ Policies (one each):
 - **A word's text** is decoded from its tokens through the byte decoder, so it is the tokenizer's
   normalised form: ftfy-fixed, HTML-unescaped and *lower-cased* ("Yorkshire" -> "yorkshire", "café" and
   "猫" round-trip exactly). Words the truncation cut, fully or in part, are dropped.
-- **Desired words** are one representation: a :class:`WordSelection` holds one weight per word span.
+- **Desired words** are one representation: a :class:`WordSelection` holds one weight >= 0 per word span.
   Losses read it as token spans (:func:`token_spans`, max over each chosen word's tokens) or as a
   per-token weight vector (:func:`token_weights`, :func:`scaled_token_weights`).
 """
@@ -197,21 +197,36 @@ def _query_words(tokenizer: Any, query: str) -> list[str]:
 Selector = Callable[[Any, tuple[WordSpan, ...], Any], tuple[tuple[float, ...], str]]
 
 
-def _select_by_flags(tokenizer: Any, spans: tuple[WordSpan, ...], value: Any) -> tuple[tuple[float, ...], str]:
-    """value: "0 0 0 1 1" (whitespace or commas) or a sequence of numbers, one per word of ``spans``."""
+def parse_flags(value: Any) -> tuple[float, ...]:
+    """Word flags "0 0 0 1 1" (whitespace or commas) or a sequence of numbers -> one finite weight >= 0 each.
+
+    Needs no tokenizer, so callers can check flags before a model is loaded. Negative weights are rejected: the
+    editing loss min-max scales the weights, which would make the most negative word the most desired one.
+    """
     items = value.replace(",", " ").split() if isinstance(value, str) else list(value)
     try:
         weights = tuple(float(item) for item in items)
     except (TypeError, ValueError) as err:
         raise ValueError(f"word flags {value!r} are not all numbers; give one number per word") from err
+    if not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"word flags {value!r} must be finite numbers")
+    negative = [w for w in weights if w < 0]
+    if negative:
+        raise ValueError(f"word flags {value!r} include negative weights {negative}; give 0 for words to leave out "
+                         "and a positive weight for desired words")
+    return weights
+
+
+def _select_by_flags(tokenizer: Any, spans: tuple[WordSpan, ...], value: Any) -> tuple[tuple[float, ...], str]:
+    """value: "0 0 0 1 1" (whitespace or commas) or a sequence of numbers (see :func:`parse_flags`), one per word
+    of ``spans``."""
+    weights = parse_flags(value)
     words = [span.word for span in spans]
     if len(weights) != len(words):
         raise ValueError(
             f"{len(weights)} word flags for {len(words)} words {words}; give one flag per word "
             "(words are split by the tokenizer, punctuation counts as a word)"
         )
-    if not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"word flags {value!r} must be finite numbers")
     return weights, "flags"
 
 
@@ -334,7 +349,7 @@ WORD_SELECTORS: dict[str, Selector] = {
 def select_words(tokenizer: Any, text: str, context_length: int, mode: str, value: Any = None) -> WordSelection:
     """Desired words of ``text``: the front door to WORD_SELECTORS.
 
-    mode "flags": value = "0 0 0 1 1" or [0, 0, 0, 1, 1], one number per word of :func:`word_spans`.
+    mode "flags": value = "0 0 0 1 1" or [0, 0, 0, 1, 1], one number >= 0 per word of :func:`word_spans`.
     mode "words": value = ["purple", "hair"] (case-insensitive) or "purple hair".
     mode "semantic": value = None/"auto", "pos" or "stopwords"; the result's ``mode`` says which ran.
     """

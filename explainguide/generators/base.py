@@ -7,7 +7,7 @@ one (1, 3, H, W) RGB image in [0, 1] that is differentiable with respect to the 
 
 from __future__ import annotations
 
-import warnings
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from numbers import Integral
@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
+
 # Below 8 px per side an image carries too little for CLIP, and the Fourier grid degenerates.
 MIN_SIDE = 8
+# Init images whose aspect ratio differs from the generator's by more than this are stretched visibly.
+ASPECT_TOLERANCE = 0.01
 
 
 class GeneratorError(ValueError):
@@ -75,16 +79,14 @@ def resolve_size(
         )
     rounded = tuple(max(multiple, multiple * int(s / multiple + 0.5)) for s in sides)
     if rounded != sides:
-        warnings.warn(
-            f"generator={generator}: size {list(sides)} rounded to {list(rounded)} "
-            f"(sides must be multiples of {multiple})",
-            stacklevel=3,
-        )
+        log.warning("generator=%s: size %s rounded to %s (sides must be multiples of %d)",
+                    generator, list(sides), list(rounded), multiple)
     return rounded
 
 
 def prepare_image(image: Tensor, size: tuple[int, int], generator: str) -> Tensor:
-    """Check a user image (1, 3, H', W') in [0, 1] and resize it (bilinear, antialiased) to `size` (H, W)."""
+    """Check a user image (1, 3, H', W') in [0, 1] and resize it (bilinear, antialiased) to `size` (H, W); warns
+    when that changes its aspect ratio."""
     if image.ndim != 4 or image.shape[:2] != (1, 3):
         raise GeneratorError(
             f"generator={generator}: init image has shape {tuple(image.shape)}; give one RGB image (1, 3, H, W)"
@@ -95,6 +97,11 @@ def prepare_image(image: Tensor, size: tuple[int, int], generator: str) -> Tenso
         )
     if tuple(image.shape[-2:]) == size:
         return image.float()
+    height, width = image.shape[-2:]
+    if abs(height * size[1] / (width * size[0]) - 1) > ASPECT_TOLERANCE:
+        log.warning("generator=%s: init image %dx%d stretched to %dx%d (another aspect ratio); crop it, or "
+                    "keep its shape with generator.size=[%d, %d]", generator, width, height, size[1], size[0],
+                    size[0], round(size[0] * width / height))
     return F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
 
 

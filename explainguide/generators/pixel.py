@@ -14,9 +14,12 @@ _EPS = 1e-4
 
 
 class PixelGenerator(Generator):
-    """image = sigmoid(logits); logits (1, 3, H, W) start as N(0, init_std²) noise drawn from `seed`."""
+    """image = sigmoid(logits); logits (1, 3, H, W) start as N(0, init_std²) noise drawn from `seed`.
 
-    def __init__(self, size: int | Sequence[int], seed: int = 0, init_std: float = 1.0):
+    The default 0.1 is a near-grey start, so colours come from CLIP rather than from the initial noise.
+    """
+
+    def __init__(self, size: int | Sequence[int], seed: int = 0, init_std: float = 0.1):
         super().__init__()
         self.size = resolve_size(size, "pixel")
         noise = torch.randn((1, 3, *self.size), generator=torch.Generator().manual_seed(seed))

@@ -66,11 +66,17 @@ class VQGANConfig:
         return 2 ** (len(self.ch_mult) - 1)
 
 
+def check_files(checkpoint: str | Path, config: str | Path) -> None:
+    """Both of the generator's files exist; otherwise one error naming every missing one."""
+    missing = [f"{kind} {path}" for kind, path in (("checkpoint", checkpoint), ("config", config))
+               if not Path(path).is_file()]
+    if missing:
+        raise GeneratorError(f"vqgan {' and '.join(missing)} not found; {HOW_TO_GET}")
+
+
 def read_config(path: str | Path) -> VQGANConfig:
-    """Parse a taming `model.yaml` (target taming.models.vqgan.VQModel)."""
+    """Parse a taming `model.yaml` (target taming.models.vqgan.VQModel); see :func:`check_files`."""
     path = Path(path)
-    if not path.is_file():
-        raise GeneratorError(f"vqgan config {path} not found; {HOW_TO_GET}")
     cfg = OmegaConf.load(path)
     target = OmegaConf.select(cfg, "model.target")
     if target != SUPPORTED_TARGET:
@@ -300,10 +306,9 @@ class _Opaque:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """The weights in a Lightning .ckpt ({'state_dict': ...}), a plain torch state dict, or a .safetensors file."""
+    """The weights in a Lightning .ckpt ({'state_dict': ...}), a plain torch state dict, or a .safetensors file;
+    see :func:`check_files`."""
     path = Path(path)
-    if not path.is_file():
-        raise GeneratorError(f"vqgan checkpoint {path} not found; {HOW_TO_GET}")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -348,6 +353,7 @@ class VQGANGenerator(Generator):
 
     def __init__(self, size: int | Sequence[int], checkpoint: str, config: str, seed: int = 0):
         super().__init__()
+        check_files(checkpoint, config)
         cfg = read_config(config)
         self.size = resolve_size(size, "vqgan", min_side=cfg.factor, multiple=cfg.factor)
         model = VQGAN(cfg)

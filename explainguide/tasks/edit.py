@@ -9,13 +9,15 @@ starts from the image (`init_from_image`: pixel and fft invert their parameteris
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from omegaconf import DictConfig
 from torchvision.transforms.functional import to_tensor
 
 from explainguide.explain.engine import explain_pairs
 from explainguide.explain.scores import edit_score
-from explainguide.explain.tokens import scaled_token_weights
+from explainguide.explain.tokens import WordSelection, scaled_token_weights
 from explainguide.generators import Generator
 from explainguide.guidance import edit_term, similarity_loss
 from explainguide.images import EXAMPLE_IMAGE, load_image
@@ -25,6 +27,7 @@ from explainguide.tasks.guided import (
     Guide,
     Objective,
     build_generator,
+    check_word_flags,
     eval_views,
     image_relevance,
     load_guide,
@@ -37,6 +40,8 @@ from explainguide.tasks.guided import (
     word_choice,
 )
 from explainguide.viz import token_strip
+
+log = logging.getLogger(__name__)
 
 LAMBDA_KEY = "loss.explainability"
 
@@ -82,15 +87,35 @@ def start_image(cfg: DictConfig) -> torch.Tensor:
     return to_tensor(load_image(cfg.task.image or EXAMPLE_IMAGE))[None]
 
 
+def desired_words(cfg: DictConfig, guide: Guide) -> tuple[WordSelection, torch.Tensor]:
+    """The desired words of task.text and their scaled token weights (L,) on the model's device.
+
+    Warns when every word has the same nonzero weight: the scaled weights are then all 1 and the editing score
+    is the constant 1/#tokens, so the explainability term moves nothing.
+    """
+    selection, _ = word_choice(guide, single_prompt(cfg.task.text), cfg.task.word_mode, cfg.task.words)
+    weights = scaled_token_weights(selection).to(guide.device)
+    if len(set(selection.weights)) == 1:  # zero for all was rejected by word_choice
+        log.warning("task.words=%r weighs all %d words equally, so the editing score is the constant 1/%d and %s has "
+                    "no effect; weigh the desired words above the others (e.g. task.word_mode=flags "
+                    "'task.words=\"0 1 0 0\"' or task.words=[green])", cfg.task.words, len(selection.spans),
+                    int(weights.count_nonzero()), LAMBDA_KEY)
+    return selection, weights
+
+
 def setup(cfg: DictConfig, guide: Guide, generator: Generator) -> tuple[Generator, Objective]:
     """The generator on the model's device started from the image, and the editing objective at the configured λ."""
+    return setup_words(cfg, guide, generator, desired_words(cfg, guide)[1])
+
+
+def setup_words(cfg: DictConfig, guide: Guide, generator: Generator, token_weights: torch.Tensor
+                ) -> tuple[Generator, Objective]:
+    """:func:`setup` for the scaled token weights (L,) of :func:`desired_words`."""
     task = cfg.task
-    prompt = single_prompt(task.text)
-    selection, _ = word_choice(guide, prompt, task.word_mode, task.words)
     generator = generator.to(guide.device)
     generator.init_from_image(start_image(cfg).to(guide.device))
     anchors = [(latent, latent.detach().clone()) for latent in generator.anchor_parameters()]
-    objective = edit_objective(guide, guide.tokens(prompt), scaled_token_weights(selection).to(guide.device),
+    objective = edit_objective(guide, guide.tokens(single_prompt(task.text)), token_weights,
                                float(cfg.loss.explainability), float(cfg.loss.similarity), task.similarity,
                                float(cfg.loss.l2), anchors)
     return generator, objective
@@ -107,12 +132,12 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
     task = cfg.task
     prompt = single_prompt(task.text)
     start_image(cfg)  # a bad task.image fails here, before any model is loaded
-    generator = build_generator(cfg)  # so does a size the generator rejects
+    check_word_flags(task.word_mode, task.words)  # so do bad flags
+    generator = build_generator(cfg)  # and a size the generator rejects
     guide = load_guide(cfg)
-    generator, objective = setup(cfg, guide, generator)
+    selection, weights = desired_words(cfg, guide)
+    generator, objective = setup_words(cfg, guide, generator, weights)
     token_ids = guide.tokens(prompt)
-    selection, _ = word_choice(guide, prompt, task.word_mode, task.words)
-    weights = scaled_token_weights(selection).to(guide.device)
     words = [span.word for span in selection.spans]
     spans = [span.positions for span in selection.spans]
     with torch.no_grad():
@@ -124,7 +149,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         return scores, augclip, edit_scores(guide, image, token_ids, weights)
 
     with open_recorder(cfg, ctx, job_type="edit") as recorder:
-        trace = optimise(generator, objective, task.steps, task.lr, task.snapshot_every, cfg.progress,
+        trace = optimise(generator, objective, task.steps, task.lr, LAMBDA_KEY, task.snapshot_every, cfg.progress,
                          desc="edit", log=logger_for(recorder, "edit"))
         before, augclip_before, score_before = evaluate(start)
         after, augclip_after, score_after = evaluate(trace.image)

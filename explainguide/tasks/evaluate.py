@@ -122,11 +122,27 @@ def split_features(cfg: DictConfig, bundle, dataset) -> tuple[torch.Tensor, torc
     return encode_images(bundle.model, loader, bundle.device, bundle.dtype, cfg.progress)
 
 
+# The model config that decides the weights: learned context vectors only mean something in their model's
+# embedding space (device, cache and precision may differ).
+WEIGHT_KEYS = ("name", "pretrained", "checkpoint", "random_init")
+
+
+def check_same_weights(cfg: DictConfig, meta: dict) -> None:
+    """Refuse prompts learned on other weights than cfg.model's (the prompts file's meta holds its run's config)."""
+    trained = meta.get("config", {}).get("model", {})
+    for key in WEIGHT_KEYS:
+        if key in trained and trained[key] != cfg.model.get(key):
+            raise ConfigError(f"task.prompts={cfg.task.prompts!r} was learned with model.{key}={trained[key]!r}, this "
+                              f"run has model.{key}={cfg.model.get(key)!r}; evaluate with the model the prompts were "
+                              "learned on")
+
+
 def run(cfg: DictConfig, ctx: RunContext) -> dict:
     task = cfg.task
     bundle = instantiate(cfg.model)
     bundle.model.requires_grad_(False)
     learner, meta = load_prompts(task.prompts, bundle)
+    check_same_weights(cfg, meta)
     dataset = build_dataset(split=task.split, preprocess=bundle.preprocess, **cfg.dataset)
     classnames = [name.replace("_", " ") for name in dataset.classnames]
     unknown = [name for name in classnames if name not in learner.classnames]

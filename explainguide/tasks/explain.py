@@ -12,7 +12,7 @@ from explainguide.explain.capture import RelevanceNotSupported, image_blocks
 from explainguide.explain.engine import explain_pairs
 from explainguide.explain.scores import word_token_relevance
 from explainguide.explain.tokens import tokenize, word_spans
-from explainguide.images import EXAMPLE_IMAGE, list_images, load_image
+from explainguide.images import EXAMPLE_IMAGE, EXAMPLE_PROMPTS, list_images, load_image
 from explainguide.runtime import RunContext
 from explainguide.tasks.common import open_recorder, prompts_from_config
 from explainguide.viz import heatmap_overlay, token_strip
@@ -31,7 +31,8 @@ def _image_relevance_supported(model) -> bool:
 
 def run(cfg: DictConfig, ctx: RunContext) -> dict:
     task = cfg.task
-    prompts = prompts_from_config(task.text, task.prompts_file)
+    given = task.text is not None or task.prompts_file
+    prompts = prompts_from_config(task.text, task.prompts_file) if given else list(EXAMPLE_PROMPTS)
     paths = list_images(task.image) if task.image else [EXAMPLE_IMAGE]
     bundle = instantiate(cfg.model)
     with_image = _image_relevance_supported(bundle.model)

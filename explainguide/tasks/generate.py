@@ -8,6 +8,8 @@ below ``task.neglect_threshold``; when none is neglected there is no second run.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from omegaconf import DictConfig
 
@@ -22,6 +24,7 @@ from explainguide.tasks.guided import (
     Objective,
     Trace,
     build_generator,
+    check_word_flags,
     eval_views,
     image_relevance,
     load_guide,
@@ -35,6 +38,8 @@ from explainguide.tasks.guided import (
 )
 from explainguide.tracking import RunRecorder
 from explainguide.viz import token_strip
+
+log = logging.getLogger(__name__)
 
 LAMBDA_KEY = "loss.explainability"
 
@@ -93,6 +98,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
     lam, similarity_weight = float(cfg.loss.explainability), float(cfg.loss.similarity)
     if not 0 <= task.neglect_threshold <= 1:
         raise ConfigError(f"task.neglect_threshold={task.neglect_threshold} is outside [0, 1]; the reference uses 0.7")
+    check_word_flags(task.word_mode, task.words)
     plain_generator = build_generator(cfg)
     guide = load_guide(cfg)
     token_ids = guide.tokens(prompt)
@@ -105,7 +111,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         generator = plain_generator if not chosen else build_generator(cfg)
         objective = generation_objective(guide, token_ids, [all_spans[i] for i in chosen], lam if chosen else 0.0,
                                          similarity_weight, task.similarity, task.cutouts, guide.cutout_rng(cfg.seed))
-        return optimise(generator.to(guide.device), objective, task.steps, task.lr, task.snapshot_every,
+        return optimise(generator.to(guide.device), objective, task.steps, task.lr, LAMBDA_KEY, task.snapshot_every,
                         cfg.progress, desc=f"generate ({name})", log=logger_for(recorder, f"generate/{name}", offset))
 
     def evaluate(trace: Trace) -> tuple[list[float], float]:
@@ -118,6 +124,9 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         chosen = [i for i, weight in enumerate(candidates.weights)
                   if weight != 0 and (not automatic or before[i] < task.neglect_threshold)]
         guided = optimise_phase(recorder, chosen, "guided", offset=task.steps) if chosen and lam > 0 else None
+        if guided is None:  # only automatic choice can leave no word: flags and word lists choose at least one
+            why = f"{LAMBDA_KEY}={lam}" if chosen else f"no semantic word scored below {task.neglect_threshold}"
+            log.info("no guided run: %s", why)
         after, augclip_guided = evaluate(guided) if guided is not None else (before, augclip_plain)
 
         traces = {"plain": plain, "guided": guided}

@@ -8,6 +8,7 @@ text tasks, and :func:`step_timings` for benchmarks. Each task module adds its o
 from __future__ import annotations
 
 import importlib
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,11 +24,11 @@ from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from explainguide.explain.engine import explain_pairs
-from explainguide.explain.tokens import WordSelection, select_words, tokenize
+from explainguide.explain.tokens import WordSelection, parse_flags, select_words, tokenize
 from explainguide.generators import Generator, make_cutouts
 from explainguide.guidance import generation_word_scores
 from explainguide.models.loading import ClipBundle
-from explainguide.runtime import ConfigError, seed_everything
+from explainguide.runtime import ConfigError, NonFiniteLoss, seed_everything
 from explainguide.tasks.common import prompts_from_config
 from explainguide.tracking import RunRecorder
 from explainguide.viz import heatmap_overlay, line_plot
@@ -150,6 +151,7 @@ def optimise(
     objective: Objective,
     steps: int,
     lr: float,
+    lambda_key: str,
     snapshot_every: int = 0,
     progress: bool = False,
     desc: str = "guide",
@@ -158,7 +160,8 @@ def optimise(
     """Adam on the generator's trainable latents for `steps` steps of objective(generator()) -> {"loss", ...}.
 
     Every value the objective returns is recorded per step (and passed to `log(values, step)`); the image is
-    snapshotted at step 0 and every `snapshot_every` steps (0: none), and always at the end.
+    snapshotted at step 0 and every `snapshot_every` steps (0: none), and always at the end. A non-finite value
+    stops the run before its step is taken, naming the step, the terms and `lambda_key` (the task's λ) to lower.
     """
     if steps < 1 or lr <= 0:
         raise ConfigError(f"task.steps={steps}, task.lr={lr}: give steps >= 1 and lr > 0")
@@ -172,10 +175,14 @@ def optimise(
         if snapshot_every and step % snapshot_every == 0:
             trace.snapshots.append((step, image.detach().cpu()))
         terms = objective(image)
+        values = {name: float(value.detach()) for name, value in terms.items()}
+        bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
+        if bad:
+            raise NonFiniteLoss(f"{desc}: non-finite loss at step {step} ({', '.join(bad)}); the run stopped. "
+                                     f"Lower task.lr (now {lr}) or the λ {lambda_key}")
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
-        values = {name: float(value.detach()) for name, value in terms.items()}
         for name, value in values.items():
             trace.history.setdefault(name, []).append(value)
         bar.set_postfix(loss=f"{values['loss']:.4f}")
@@ -220,11 +227,11 @@ def step_timings(task: str, lam: float, steps: int, overrides: Sequence[str] = (
     seed_everything(cfg.seed)
     guide = load_guide(cfg)
     generator, objective = module.setup(cfg, guide, build_generator(cfg))
-    optimise(generator, objective, steps=1, lr=cfg.task.lr)
+    optimise(generator, objective, steps=1, lr=cfg.task.lr, lambda_key=module.LAMBDA_KEY)
     if guide.device.type == "cuda":
         torch.cuda.synchronize(guide.device)
     start = time.perf_counter()
-    optimise(generator, objective, steps=steps, lr=cfg.task.lr)
+    optimise(generator, objective, steps=steps, lr=cfg.task.lr, lambda_key=module.LAMBDA_KEY)
     if guide.device.type == "cuda":
         torch.cuda.synchronize(guide.device)
     return (time.perf_counter() - start) * 1000.0 / steps
@@ -241,12 +248,30 @@ def single_prompt(text) -> str:
     return prompts[0]
 
 
+def check_word_flags(word_mode: str, words) -> None:
+    """task.words as flags (word_mode=flags), checked without the tokenizer, so before any model is loaded:
+    numbers >= 0 with at least one nonzero (their count needs the tokenizer: :func:`word_choice` checks it)."""
+    if word_mode != "flags" or words is None:
+        return
+    try:
+        flags = parse_flags(words)
+    except ValueError as err:
+        raise ConfigError(f"task.words: {err}") from None
+    if not any(flags):
+        raise ConfigError(f"task.words={words!r} marks no word (all flags are 0); give each desired word a nonzero "
+                          "flag, e.g. task.words='\"0 1 0\"' for the second of three words")
+
+
 def word_choice(guide: Guide, prompt: str, word_mode: str, words) -> tuple[WordSelection, bool]:
     """The candidate words and whether they were chosen automatically (task.words null: the semantic words)."""
+    check_word_flags(word_mode, words)
     tokenizer, length = guide.bundle.tokenizer, guide.bundle.context_length
-    if words is None:
-        return select_words(tokenizer, prompt, length, "semantic", None), True
-    return select_words(tokenizer, prompt, length, word_mode, words), False
+    try:
+        if words is None:
+            return select_words(tokenizer, prompt, length, "semantic", None), True
+        return select_words(tokenizer, prompt, length, word_mode, words), False
+    except ValueError as err:
+        raise ConfigError(f"task.word_mode={word_mode}, task.words={words!r}: {err}") from None
 
 
 def score_words(

@@ -34,7 +34,7 @@ from explainguide.data.few_shot import load_indices, sample_k_shot, save_indices
 from explainguide.explain.class_scores import class_name_scores
 from explainguide.losses import coop_objective
 from explainguide.prompts import PromptLearner, class_logits, decode_prompts
-from explainguide.runtime import ConfigError, RunContext
+from explainguide.runtime import ConfigError, NonFiniteLoss, RunContext
 from explainguide.tasks.common import open_recorder
 from explainguide.tasks.evaluate import PROMPTS_FILE, evaluate_prompts, record_evaluation, save_prompts, split_features
 
@@ -45,11 +45,9 @@ SHOTS_FILE = "shots.json"
 METRIC_NAMES = {"total": "train/loss", "ce": "train/ce", "expl": "train/expl"}
 # Config that decides the trained numbers; a checkpoint only resumes a run that agrees on all of it.
 _NOT_TRAINING_KEYS = {"model": ("device", "cache_dir"),
-                      "task": ("name", "runner", "epochs", "resume", "encode_batch_size", "num_workers")}
-
-
-class NonFiniteLoss(FloatingPointError):
-    """A loss term became NaN or Inf; the message names the step and the term."""
+                      "task": ("name", "runner", "resume", "encode_batch_size", "num_workers")}
+# task.epochs belongs to the fingerprint: the cosine schedule spans it, so a longer rerun of a finished run would
+# train its last epochs on another schedule than a straight run of that length.
 
 
 def warmup_cosine(epoch: int, base_lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
@@ -133,9 +131,6 @@ def _load_checkpoint(path: Path, cfg: DictConfig) -> dict:
         key, theirs, ours = difference
         raise ConfigError(f"{path} was trained with {key}={theirs!r}, this run has {ours!r}; use that value, "
                           "task.resume=false to start over, or another output dir")
-    if checkpoint["epoch"] > cfg.task.epochs:
-        raise ConfigError(f"{path} has {checkpoint['epoch']} epochs, more than task.epochs={cfg.task.epochs}; "
-                          f"set task.epochs>={checkpoint['epoch']} or task.resume=false")
     return checkpoint
 
 
@@ -234,9 +229,6 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         log.info("%s already finished %d epochs; skipped (task.resume=false reruns it)", output_dir, task.epochs)
         return finished
 
-    if task.batch_size < 1 or task.epochs < 0:
-        raise ConfigError(f"task.batch_size={task.batch_size}, task.epochs={task.epochs}; give batch_size >= 1 and "
-                          "epochs >= 0")
     if task.epochs == 0:
         log.warning("task.epochs=0: no training; the initial prompts (task.ctx_init or random) are evaluated and saved")
     bundle = instantiate(cfg.model)

@@ -57,6 +57,9 @@ from explainguide.viz import heatmap_overlay
 log = logging.getLogger(__name__)
 
 LAMBDA_KEY = "loss.spatial"
+PHRASE_KEYS = ("text", "box", "mask")
+# Below this share of the image a region's λ_i = λ/√area grows large (10x λ at 1 %) and few patches cover it.
+SMALL_AREA = 0.01
 
 
 @dataclass(frozen=True)
@@ -99,11 +102,22 @@ def regions_from_config(cfg: DictConfig, launch_dir: Path) -> list[Region]:
     lam, scale_by_area = float(cfg.loss.spatial), bool(cfg.loss.spatial_area_scaling)
     regions = []
     for index, entry in enumerate(phrases):
+        where = f"task.phrases[{index}]"
+        unknown = sorted(set(entry) - set(PHRASE_KEYS)) if isinstance(entry, DictConfig) else []
+        if unknown:
+            raise ConfigError(f"{where} has unknown key(s) {unknown}; its keys are {list(PHRASE_KEYS)}, "
+                              "e.g. {text: a red circle, box: [0, 16, 32, 32]}")
         phrase = str(entry.get("text") or "").strip() if isinstance(entry, DictConfig) else ""
         if not phrase:
-            raise ConfigError(f"task.phrases[{index}]={entry!r} has no text; give {{text: <phrase>, box: [...]}}")
+            raise ConfigError(f"{where}={entry!r} has no text; give {{text: <phrase>, box: [...]}}")
         mask = _region_mask(entry, index, size, launch_dir)
-        regions.append(Region(task.prefix + phrase, mask, area_scaled_weight(lam, mask, scale_by_area)))
+        region = Region(task.prefix + phrase, mask, area_scaled_weight(lam, mask, scale_by_area))
+        area = float(mask.mean())
+        if area < SMALL_AREA:
+            log.warning("%s covers %.2f %% of the %dx%d image (%d px), so λ_i = %.3g (loss.spatial=%g%s); enlarge "
+                        "its box or mask", where, 100 * area, size[1], size[0], int(mask.sum()), region.weight, lam,
+                        ", divided by √area" if scale_by_area else "")
+        regions.append(region)
     return regions
 
 
@@ -215,7 +229,7 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         log.info("phrase %r: mask area %.3f, λ_i %.4g", region.text, float(region.mask.mean()), region.weight)
 
     with open_recorder(cfg, ctx, job_type="spatial") as recorder:
-        trace = optimise(generator, objective, task.steps, task.lr, task.snapshot_every, cfg.progress,
+        trace = optimise(generator, objective, task.steps, task.lr, LAMBDA_KEY, task.snapshot_every, cfg.progress,
                          desc="spatial", log=logger_for(recorder, "spatial"))
         record_trace(recorder, trace, "final")
         rows = image_relevance(guide, trace.image, token_ids, first_block).cpu()  # (K, 1 + P)
