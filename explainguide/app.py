@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -60,8 +61,16 @@ class JobFailed(RuntimeError):
     """A sweep job failed: raised so that the launcher records it and runs the other jobs; the sweep then exits 1."""
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{category.__name__}: {message}"
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    # Python warnings (a truncated prompt, a downscaled image, libraries') become one log line: on the console
+    # and in the job's app.log, without the source line `warnings` prints by default.
+    warnings.formatwarning = _one_line_warning
+    logging.captureWarnings(True)
     ctx = context_from_hydra(cfg)
     try:
         run_task(cfg, ctx)

@@ -93,14 +93,18 @@ def test_explain_run_writes_everything_and_prints_the_output_dir(tmp_path):
     assert len(pngs) == 6 and any("heatmap" in p for p in pngs) and any("tokens" in p for p in pngs)
 
 
-def test_a_prompts_file_alone_replaces_the_example_prompts_and_library_chatter_stays_in_the_log(tmp_path):
-    (tmp_path / "prompts.txt").write_text("a green star\n", encoding="utf-8")
+def test_a_prompts_file_alone_replaces_the_example_prompts_and_the_console_stays_terse(tmp_path):
+    long_prompt = " ".join(["red circle"] * 20)  # 42 tokens: truncated for the toy model's 32
+    (tmp_path / "prompts.txt").write_text(f"a green star\n{long_prompt}\n", encoding="utf-8")
     out = run_cli(tmp_path, "task=explain", "model=toy", "logger=none", "progress=false",
                   "task.prompts_file=prompts.txt")
     assert out.returncode == 0, out.stderr
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["prompts"] == ["a green star"]
-    assert "[root][INFO]" not in out.stdout + out.stderr  # open_clip's model-loading lines
-    assert "[root][INFO]" in (tmp_path / "run" / "app.log").read_text()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["prompts"] == ["a green star", long_prompt]
+    console, log_file = out.stdout + out.stderr, (tmp_path / "run" / "app.log").read_text()
+    assert "[root][INFO]" not in console and "[root][INFO]" in log_file  # open_clip's model-loading lines
+    warning_lines = [line for line in console.splitlines() if "PromptTruncatedWarning" in line]
+    assert len(warning_lines) == 1 and "has 42 tokens" in warning_lines[0]  # one line, no source line after it
+    assert "warnings.warn" not in console and "PromptTruncatedWarning" in log_file
 
 
 def test_quoted_prompt_reaches_the_program_byte_identical():
