@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,11 @@ from explainguide.runtime import RunContext, resolve_user_paths, seed_everything
 from explainguide.tracking import record_failure
 
 log = logging.getLogger("explainguide")
+
+# Run and sweep dirs are named to the second plus the process id (conf/hydra/default.yaml), so that runs started
+# in the same second never share a folder.
+if not OmegaConf.has_resolver("pid"):
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)
 
 
 class NotOnConsole(logging.Filter):
@@ -61,6 +67,17 @@ class JobFailed(RuntimeError):
     """A sweep job failed: raised so that the launcher records it and runs the other jobs; the sweep then exits 1."""
 
 
+def resume_hint(cfg: DictConfig, ctx: RunContext) -> str:
+    """How to continue an interrupted run, for tasks that checkpoint (`task.resume`)."""
+    if not cfg.task.get("resume"):
+        return ""
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        where = f"hydra.sweep.dir={HydraConfig.get().sweep.dir}"
+    else:
+        where = f"hydra.run.dir={ctx.output_dir}"
+    return f"; to continue from its last checkpoint, run the same command with {where}"
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"{category.__name__}: {message}"
 
@@ -77,8 +94,7 @@ def main(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         log.error("interrupted", exc_info=True, extra={"console": False})
         record_failure(ctx.output_dir, KeyboardInterrupt("interrupted"))
-        print(f"error: interrupted; {ctx.output_dir} keeps what finished (prompt learning resumes from its last "
-              "checkpoint when the same command is run again)", file=sys.stderr)
+        print(f"error: interrupted; {ctx.output_dir} keeps what finished{resume_hint(cfg, ctx)}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as err:
         # Instantiation wraps the real error; show the cause. One clear line for the user; the traceback goes to

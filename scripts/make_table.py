@@ -25,7 +25,7 @@ from pathlib import Path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from explainguide.tasks.prompt_learning import run_identity
+from explainguide.tasks.prompt_learning import run_identity, table_row
 from explainguide.viz import line_plot
 
 SWEPT = ("loss.explainability", "seed")  # the CoOp sweep axes read from multirun.yaml
@@ -66,7 +66,8 @@ def jobs_from_dirs(root: Path) -> tuple[list[Job], list[dict]]:
 
 
 def _declared_grid(path: Path) -> dict | None:
-    """{"row": run_identity of the sweep, "lambda": [...], "seed": [...]} for a CoOp multirun.yaml, else None."""
+    """What a CoOp multirun.yaml asked for: {"row": table_row, "where": its dir, "lambda": [...], "not_numbers":
+    [...], "seed": [...]}; None for other tasks."""
     saved = OmegaConf.load(path)
     if saved.task.name != "prompt_learning":
         return None
@@ -79,10 +80,50 @@ def _declared_grid(path: Path) -> dict | None:
             values[override.key_or_group] = list(override.sweep_string_iterator()) if sweep else [override.value()]
     config = OmegaConf.to_container(saved, resolve=False)
     config.pop("hydra")
-    row = run_identity(config)
-    return {"row": (row["dataset"], row["model"]),
-            "lambda": [float(value) for value in values.get("loss.explainability", [row["lambda"]])],
-            "seed": [int(value) for value in values.get("seed", [row["seed"]])]}
+    lambdas = values.get("loss.explainability", [config["loss"]["explainability"]])
+    return {"row": table_row(config), "where": str(path.parent),
+            "lambda": [float(value) for value in lambdas if _is_number(value)],
+            "not_numbers": [value for value in lambdas if not _is_number(value)],
+            "seed": [int(value) for value in values.get("seed", [config["seed"]])]}
+
+
+def _is_number(value) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def not_tabulated(jobs: list[Job], grids: list[dict]) -> tuple[list[Job], list[str]]:
+    """The jobs a CoOp table can hold, and a note for each λ that is not a number (such a job failed its config
+    check, and has no column to show in)."""
+    notes = [f"λ={value!r}, asked for by the sweep in {grid['where']}, is not a number: not tabulated"
+             for grid in grids for value in grid.get("not_numbers", [])]
+    kept = []
+    for job in jobs:
+        lam = job.config.get("loss", {}).get("explainability")
+        if job.task == "prompt_learning" and not _is_number(lam):
+            notes.append(f"{job.where}: λ={lam!r} is not a number ({job.status}): not tabulated")
+        else:
+            kept.append(job)
+    return kept, notes
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differing_keys(first: dict, second: dict) -> list[str]:
+    """The config keys (dotted) whose values differ between two resolved configs."""
+    a, b = _flat(first), _flat(second)
+    return sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
 
 
 def jobs_from_wandb(group: str, project: str, entity: str | None) -> tuple[list[Job], list[dict]]:
@@ -123,9 +164,11 @@ def coop_cells(jobs: list[Job], grids: list[dict], metric: str) -> dict[tuple, d
             key = run_identity(job.config)
             by_seed = seen[(key["dataset"], key["model"])][key["lambda"]]
             if key["seed"] in by_seed:
+                other = by_seed[key["seed"]]
+                keys = ", ".join(differing_keys(other.config, job.config)) or "nothing"
                 raise SystemExit(f"two jobs for {key['dataset']} {key['model']} λ={key['lambda']:g} "
-                                 f"seed={key['seed']}: {by_seed[key['seed']].where} and {job.where}; give a "
-                                 "sweep dir that holds one sweep per dataset and model")
+                                 f"seed={key['seed']} ({other.where} and {job.where}) differ in {keys}, which the "
+                                 "table has no axis for; give a folder whose jobs differ only in λ and seed")
             by_seed[key["seed"]] = job
     finished = [job for job in jobs if job.status == "ok"]
     if seen and finished and not any(metric in job.metrics for job in finished):  # a typo, not a failed sweep
@@ -265,9 +308,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"sweep dir {str(args.sweep_dir)!r} does not exist; give the hydra.sweep.dir of a multirun")
     jobs, grids = (jobs_from_dirs(args.sweep_dir) if args.sweep_dir is not None
                    else jobs_from_wandb(args.wandb_group, args.wandb_project, args.wandb_entity))
+    source = str(args.sweep_dir) if args.sweep_dir is not None else f"W&B group {args.wandb_group}"
+    if not any(job.task in ("prompt_learning", "zero_shot") for job in jobs):
+        raise SystemExit(f"no prompt_learning or zero_shot jobs found in {source}; give the hydra.sweep.dir of a "
+                         "multirun (or a folder holding job dirs)")
+    jobs, notes = not_tabulated(jobs, grids)
     out = args.out or args.sweep_dir or Path(".")
     out.mkdir(parents=True, exist_ok=True)
-    source = str(args.sweep_dir) if args.sweep_dir is not None else f"W&B group {args.wandb_group}"
     lines = [f"# Results: {source}", ""]
     csv_rows = []
     for metric in args.metric or ["test/acc1"]:
@@ -284,8 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     if columns:
         lines += ["## Zero-shot accuracy (%) per template", "", *markdown_table(["template", *columns], rows), ""]
         write_csv(out / f"{args.name}_zero_shot.csv", ["template", *columns], rows)
-    if len(lines) == 2:
-        lines.append(f"No prompt_learning or zero_shot jobs found in {source}.")
+    if notes:
+        lines += ["## Not tabulated", "", *(f"- {note}" for note in notes), ""]
     (out / f"{args.name}.md").write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
 

@@ -224,3 +224,33 @@ def test_ctrl_c_is_one_line_exit_130_and_a_failed_record(tmp_path, monkeypatch, 
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.startswith("error: interrupted;")
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+
+
+def test_an_interrupted_prompt_learning_run_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
+    def interrupted(cfg, ctx):
+        raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(app, "run_task", interrupted)
+    monkeypatch.setattr(sys, "argv", ["explainguide", "task=prompt_learning", "logger=none", f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit):
+        app.main()
+    assert f"run the same command with hydra.run.dir={run_dir}" in capsys.readouterr().err
+
+
+def test_default_run_dirs_carry_the_process_id_so_same_second_runs_stay_apart():
+    with initialize_config_module(version_base="1.3", config_module="explainguide.conf"):
+        cfg = compose(config_name="config", overrides=["task=explain"], return_hydra_config=True)
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        assert OmegaConf.select(cfg, key).endswith(f"_{os.getpid()}")
+
+
+@pytest.mark.parametrize("content, message", [(b"\n  \n", "has no prompts"), (b"caf\xe9\n", "is not UTF-8 text")])
+def test_an_empty_or_undecodable_prompts_file_is_named(tmp_path, content, message):
+    from explainguide.tasks.common import prompts_from_config
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message) as err:
+        prompts_from_config(None, str(path))
+    assert str(path) in str(err.value)

@@ -350,8 +350,12 @@ def test_k_shot_indices_round_trip_and_select_the_subset(tmp_path):
     subset = dataset.subset(loaded.indices)
     assert sorted(subset.labels) == sorted(list(range(len(dataset.classnames))) * 2)
     assert subset[0][1] == dataset.labels[shots[0]]
+    assert load_indices(tmp_path / "run") == loaded  # a run dir stands for its shots.json
     with pytest.raises(DatasetError, match="no such k-shot file"):
         load_indices(tmp_path / "missing.json")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty/shots.json: no such k-shot file"):
+        load_indices(tmp_path / "empty")
 
 
 # -- configs ----------------------------------------------------------------------------------------------------

@@ -81,12 +81,35 @@ def test_checkpoint_of_another_architecture(tmp_path, golden):
         load_clip("toy_clip", checkpoint=str(path), device="cpu")
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".png"])
+def test_a_file_that_is_not_a_checkpoint_is_one_line_naming_it(tmp_path, suffix):
+    path = tmp_path / f"weights{suffix}"
+    path.write_text("not a checkpoint")
+    with pytest.raises(ModelLoadError) as err:
+        load_clip("toy_clip", checkpoint=str(path), device="cpu")
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "is not a readable state dict" in message
+    assert "weights_only" not in message  # torch's advice to unpickle untrusted files stays out
+
+
 def test_missing_pretrained_weights_offline_say_how_to_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(open_clip, "create_model", _raise_offline)
     with pytest.raises(ModelLoadError) as err:
         load_clip("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path), device="cpu")
     assert str(tmp_path) in str(err.value) and "model.checkpoint" in str(err.value)
+
+
+def test_a_flag_set_after_import_stops_every_hub_request_for_pretrained_weights(monkeypatch, tmp_path):
+    # huggingface_hub reads HF_HUB_OFFLINE at import; without our switch this would retry the dead network.
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(ModelLoadError, match=r"the hub is offline \(HF_HUB_OFFLINE is set\)") as err:
+        load_clip("ViT-B-32", pretrained="openai", cache_dir=str(tmp_path), device="cpu")
+    assert "model.checkpoint" in str(err.value) and "set HF_HUB_OFFLINE" not in str(err.value)
+    assert constants.HF_HUB_OFFLINE == before
 
 
 def _raise_offline(*args, **kwargs):

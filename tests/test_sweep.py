@@ -90,23 +90,37 @@ def test_debug_sweep_table_matches_the_jobs_and_reruns_skip(tmp_path, monkeypatc
     assert {job: (job / "metrics.json").stat().st_mtime_ns for job in jobs} == stamps
 
 
+def write_sweep(sweep_dir: Path, jobs: list[tuple[dict, dict]], params: dict) -> None:
+    """A CoOp sweep on disk as Hydra leaves it: job dirs of (config changes, metrics.json), and multirun.yaml
+    asking for `params`. A config change is {"seed": s} or {"loss.explainability": λ} or any dotted key."""
+    base = OmegaConf.create(OmegaConf.to_container(compose_hydra("experiment=coop_shapes", "model=toy_random"),
+                                                   resolve=False))
+    hydra = base.pop("hydra")
+    for number, (changes, metrics) in enumerate(jobs):
+        job, config = sweep_dir / str(number), base.copy()
+        for key, value in changes.items():
+            OmegaConf.update(config, key, value)
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(config, job / ".hydra" / "config.yaml")
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    hydra.sweeper.params = params
+    hydra.overrides.task = ["experiment=coop_shapes", "model=toy_random"]
+    OmegaConf.save(OmegaConf.merge(base, {"hydra": hydra}), sweep_dir / "multirun.yaml")
+
+
+def ok(acc: float) -> dict:
+    return {"status": "ok", "test/acc1": acc}
+
+
+FAILED = {"status": "failed", "error": "boom"}
+
+
 def test_table_names_failed_and_missing_seeds_and_never_averages_them(tmp_path):
     """A sweep of 2 λ × 3 seeds on disk where λ=1 has one failed seed and one that never ran."""
     sweep_dir = tmp_path / "sweep"
-    base = OmegaConf.to_container(compose_hydra("experiment=coop_shapes", "model=toy_random"), resolve=False)
-    hydra = base.pop("hydra")
-    values = {(0.0, 1): 0.5, (0.0, 2): 0.6, (0.0, 3): 0.7, (1.0, 1): 0.9}
-    for (lam, seed), acc in [*values.items(), ((1.0, 2), None)]:
-        job = sweep_dir / f"loss.explainability={lam:g},seed={seed}"
-        (job / ".hydra").mkdir(parents=True)
-        config = {**base, "seed": seed, "loss": {**base["loss"], "explainability": lam}}
-        OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
-        status = {"status": "ok", "test/acc1": acc} if acc is not None else {"status": "failed", "error": "boom"}
-        (job / "metrics.json").write_text(json.dumps(status))
-    hydra["sweeper"]["params"] = {"loss.explainability": "0,1", "seed": "1,2,3"}
-    hydra["overrides"]["task"] = ["experiment=coop_shapes", "model=toy_random"]
-    OmegaConf.save(OmegaConf.create({**base, "hydra": hydra}), sweep_dir / "multirun.yaml")
-
+    runs = [(0.0, 1, ok(0.5)), (0.0, 2, ok(0.6)), (0.0, 3, ok(0.7)), (1.0, 1, ok(0.9)), (1.0, 2, FAILED)]
+    write_sweep(sweep_dir, [({"loss.explainability": lam, "seed": seed}, metrics) for lam, seed, metrics in runs],
+                {"loss.explainability": "0,1", "seed": "1,2,3"})
     make_table.main([str(sweep_dir), "--name", "coop"])
     markdown = (sweep_dir / "coop.md").read_text()
     assert "| shapes | toy_clip/random-init | **60.00 ± 10.00** | 90.00 (1/3 seeds; failed 2; missing 3) |" in markdown
@@ -117,19 +131,35 @@ def test_table_names_failed_and_missing_seeds_and_never_averages_them(tmp_path):
 
 def test_a_sweep_whose_jobs_all_failed_still_gets_its_table(tmp_path):
     sweep_dir = tmp_path / "sweep"
-    base = OmegaConf.to_container(compose_hydra("experiment=coop_shapes", "model=toy_random"), resolve=False)
-    hydra = base.pop("hydra")
-    for seed in (1, 2):
-        job = sweep_dir / f"loss.explainability=0,seed={seed}"
-        (job / ".hydra").mkdir(parents=True)
-        OmegaConf.save(OmegaConf.create({**base, "seed": seed, "loss": {**base["loss"], "explainability": 0.0}}),
-                       job / ".hydra" / "config.yaml")
-        (job / "metrics.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
-    hydra["sweeper"]["params"] = {"loss.explainability": "0", "seed": "1,2"}
-    hydra["overrides"]["task"] = ["experiment=coop_shapes", "model=toy_random"]
-    OmegaConf.save(OmegaConf.create({**base, "hydra": hydra}), sweep_dir / "multirun.yaml")
+    write_sweep(sweep_dir, [({"loss.explainability": 0.0, "seed": seed}, FAILED) for seed in (1, 2)],
+                {"loss.explainability": "0", "seed": "1,2"})
     make_table.main([str(sweep_dir), "--name", "coop"])
     assert "failed 1, 2" in (sweep_dir / "coop.md").read_text()
+
+
+def test_a_lambda_that_is_not_a_number_is_listed_not_tabulated(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    write_sweep(sweep_dir, [({"loss.explainability": 0.0, "seed": 1}, ok(0.5)),
+                            ({"loss.explainability": "abc", "seed": 1}, FAILED)],
+                {"loss.explainability": "0,abc", "seed": "1"})
+    make_table.main([str(sweep_dir), "--name", "coop"])
+    markdown = (sweep_dir / "coop.md").read_text()
+    assert "| shapes | toy_clip/random-init | **50.00** |" in markdown
+    notes = markdown.split("## Not tabulated")[1]
+    assert "λ='abc', asked for by the sweep" in notes and f"{sweep_dir / '1'}: λ='abc' is not a number" in notes
+
+
+def test_jobs_that_differ_in_another_key_are_refused_naming_the_key(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    write_sweep(sweep_dir, [({"task.n_ctx": 4}, ok(0.5)), ({"task.n_ctx": 8}, ok(0.6))], {"task.n_ctx": "4,8"})
+    with pytest.raises(SystemExit, match=r"differ in task\.n_ctx, which the table has no axis for"):
+        make_table.main([str(sweep_dir), "--name", "coop"])
+
+
+def test_a_folder_without_jobs_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no prompt_learning or zero_shot jobs found in"):
+        make_table.main([str(tmp_path)])
+    assert not (tmp_path / "results.md").exists()
 
 
 def test_zero_shot_runs_give_a_template_by_dataset_table(tmp_path):

@@ -195,3 +195,9 @@ def test_scaled_weights_all_equal_has_no_nan(tokenizer, flags, expected):
     n_words = selection.spans[-1].end
     assert scaled[1:n_words].tolist() == [expected] * (n_words - 1)
     assert not scaled[n_words:].any()
+
+
+@pytest.mark.parametrize("template", ["a photo", "a {} next to a {}"])
+def test_a_template_without_exactly_one_placeholder_is_refused(tokenizer, template):
+    with pytest.raises(ValueError, match=r"needs exactly one \{\} where the class name goes"):
+        tk.class_prompt_tokens(tokenizer, template, ["red circle"], 77)

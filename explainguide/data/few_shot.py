@@ -55,11 +55,16 @@ def save_indices(path: str | Path, indices: Sequence[int], meta: dict) -> Path:
     return path
 
 
+SHOTS_FILE = "shots.json"  # the name a prompt-learning run gives its K-shot sample
+
+
 def load_indices(path: str | Path) -> Shots:
-    """The indices and meta written by `save_indices`."""
+    """The indices and meta written by `save_indices`, from the file or a run dir holding SHOTS_FILE."""
     path = Path(path)
+    if path.is_dir():
+        path = path / SHOTS_FILE
     if not path.is_file():
-        raise DatasetError(f"{path}: no such k-shot file; point at a shots JSON written by an earlier run")
+        raise DatasetError(f"{path}: no such k-shot file; point at a run dir or the {SHOTS_FILE} of an earlier run")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -8,53 +8,13 @@ folder and the fix.
 
 from __future__ import annotations
 
-import os
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
 from explainguide.data.base import DatasetError, image_from_bytes
 from explainguide.images import load_image
-
-OFFLINE_FLAGS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-PROBE_TIMEOUT_S = 3.0
-
-
-def offline_reason() -> str | None:
-    """Why the hub must not be asked (an env flag, or no answer), or None when it is reachable."""
-    from huggingface_hub import constants
-
-    flags = [flag for flag in OFFLINE_FLAGS if os.environ.get(flag, "").strip().upper() in _TRUE]
-    if flags:
-        return f"offline ({'/'.join(flags)} is set)"
-    endpoint = constants.ENDPOINT
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return None  # an error status is still an answer
-    except OSError:  # DNS failure, refused, timed out
-        return f"unreachable ({endpoint} did not answer within {PROBE_TIMEOUT_S:g} s)"
-    return None
-
-
-@contextmanager
-def _offline_mode(offline: bool):
-    """datasets and huggingface_hub read their offline flag once, at import; a flag set later (or a dead hub)
-    must still stop every request, so flip both for the duration of one load."""
-    import datasets
-    from huggingface_hub import constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
-    if offline:
-        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+from explainguide.offline import hub_requests_off, offline_reason
 
 
 def _not_cached(hf_id: str, cache: str, variable: str, reason: str) -> DatasetError:
@@ -72,7 +32,7 @@ def load_hf_split(hf_id: str, hf_config: str | None, split: str, cache_dir: str 
         return _saved_split(datasets.load_from_disk(str(folder)), split, hf_id)
     reason = None if folder.is_dir() else offline_reason()
     download = datasets.DownloadConfig(max_retries=0, local_files_only=True) if reason else None
-    with _offline_mode(reason is not None):
+    with hub_requests_off(reason is not None):
         try:
             return datasets.load_dataset(hf_id, hf_config, split=split, cache_dir=cache_dir,
                                          download_config=download)
@@ -106,7 +66,7 @@ def download_snapshot(repo_id: str, patterns: list[str], cache_dir: str | None) 
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     reason = offline_reason()
-    with _offline_mode(reason is not None):
+    with hub_requests_off(reason is not None):
         try:
             return Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset", allow_patterns=patterns,
                                                           cache_dir=cache_dir,

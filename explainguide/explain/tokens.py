@@ -407,6 +407,9 @@ def class_prompt_tokens(
 
     The CLIP tokenizer splits words before BPE, so a name's tokens appear as one run inside the prompt.
     """
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} needs exactly one {{}} where the class name goes, "
+                         "e.g. 'a photo of a {}.'")
     ids = tokenize(tokenizer, [template.format(name) for name in classnames], context_length)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     for row, name in enumerate(classnames):

@@ -17,6 +17,8 @@ from open_clip.factory import load_state_dict
 from open_clip.model import build_model_from_openai_state_dict
 from open_clip.transform import image_transform
 
+from explainguide.offline import hub_requests_off, offline_reason
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,7 +58,8 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"model.device={device!r} but CUDA is not available; use model.device=cpu or auto")
+        raise ModelLoadError(f"device={device!r} but CUDA is not available; use device=cpu or auto "
+                             "(or model.device, which defaults to the top-level device)")
     return torch.device(device)
 
 
@@ -121,8 +124,11 @@ def _model_from_checkpoint(name: str | None, checkpoint: Path) -> torch.nn.Modul
         )
     try:
         state_dict = load_state_dict(str(checkpoint))
-    except Exception as err:  # torch/safetensors raise many types for corrupt files
-        raise ModelLoadError(f"could not read model.checkpoint={str(checkpoint)!r}: {err}") from err
+    except Exception as err:  # torch/safetensors raise many types, with pages of advice, for non-checkpoints
+        raise ModelLoadError(
+            f"model.checkpoint={str(checkpoint)!r} is not a readable state dict ({type(err).__name__}; details in "
+            "app.log); give a .safetensors or .pt file of CLIP weights (open_clip or OpenAI key names)"
+        ) from err
     if name:
         model = _architecture(name)
         try:
@@ -142,16 +148,23 @@ def _model_from_checkpoint(name: str | None, checkpoint: Path) -> torch.nn.Modul
 
 
 def _model_from_tag(name: str, pretrained: str, cache_dir: str | None) -> torch.nn.Module:
+    reason = offline_reason()
+    # open_clip logs its own download failure on the root logger; the error below says it once, with the fix.
+    quiet, root = _DropMessages("Failed to download weights"), logging.getLogger()
+    root.addFilter(quiet)
     try:
-        return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
+        with hub_requests_off(reason is not None):
+            return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
     except Exception as err:  # offline hub errors come in many types
         where = cache_dir or "the Hugging Face / open_clip default cache (~/.cache)"
+        why = (f"not in {where}, and the hub is {reason}" if reason else
+               f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
         raise ModelLoadError(
-            f"could not load pretrained weights {name}/{pretrained} (looked in {where}, then the hub): "
-            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} -- offline? download them on "
-            "a machine with network (or set HF_HUB_OFFLINE=1 to fail fast), or point model.checkpoint at a local "
-            ".safetensors/.pt file"
+            f"could not load pretrained weights {name}/{pretrained}: {why} -- download them once on a machine "
+            "with network (they are cached), or point model.checkpoint at a local .safetensors/.pt file"
         ) from err
+    finally:
+        root.removeFilter(quiet)
 
 
 def load_clip(

@@ -32,7 +32,16 @@ def prompts_from_config(text, prompts_file: str | None) -> list[str]:
         path = Path(prompts_file)
         if not path.is_file():
             raise ConfigError(f"task.prompts_file={prompts_file!r} does not exist; give a UTF-8 file, one prompt a line")
-        prompts += [line.rstrip("\r\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text_lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"task.prompts_file={prompts_file!r} is not UTF-8 text ({err.reason} at byte "
+                              f"{err.start}); save it as UTF-8, one prompt a line") from None
+        lines = [line.rstrip("\r\n") for line in text_lines if line.strip()]
+        if not lines:
+            raise ConfigError(f"task.prompts_file={prompts_file!r} has no prompts (every line is empty); "
+                              "write one prompt a line")
+        prompts += lines
     if not prompts:
         raise ConfigError("no prompt given; set task.text='...' or task.prompts_file=<file>")
     for prompt in prompts:

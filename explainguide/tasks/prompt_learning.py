@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from explainguide.data import build_dataset
-from explainguide.data.few_shot import load_indices, sample_k_shot, save_indices
+from explainguide.data.few_shot import SHOTS_FILE, load_indices, sample_k_shot, save_indices
 from explainguide.explain.class_scores import class_name_scores
 from explainguide.losses import coop_objective
 from explainguide.prompts import PromptLearner, class_logits, decode_prompts
@@ -41,7 +41,6 @@ from explainguide.tasks.evaluate import PROMPTS_FILE, evaluate_prompts, record_e
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
-SHOTS_FILE = "shots.json"
 METRIC_NAMES = {"total": "train/loss", "ce": "train/ce", "expl": "train/expl"}
 # Config that decides the trained numbers; a checkpoint only resumes a run that agrees on all of it.
 _NOT_TRAINING_KEYS = {"model": ("device", "cache_dir"),
@@ -191,12 +190,17 @@ def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tenso
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
 
 
-def run_identity(config: dict) -> dict:
-    """What a sweep job varies, read from its resolved config (a Hydra job's or a W&B run's): the table keys."""
+def table_row(config: dict) -> tuple[str, str]:
+    """(dataset, model) of a job's resolved config: a row of the sweep tables."""
     model, dataset = config["model"], config["dataset"]
     weights = model.get("pretrained") or (Path(model["checkpoint"]).name if model.get("checkpoint") else "random-init")
-    return {"dataset": dataset.get("benchmark") or dataset.get("hf_id") or dataset["name"],
-            "model": f"{model.get('name') or 'checkpoint'}/{weights}",
+    return dataset.get("benchmark") or dataset.get("hf_id") or dataset["name"], f"{model.get('name') or 'checkpoint'}/{weights}"
+
+
+def run_identity(config: dict) -> dict:
+    """What a sweep job varies, read from its resolved config (a Hydra job's or a W&B run's): the table keys."""
+    dataset, model = table_row(config)
+    return {"dataset": dataset, "model": model,
             "lambda": float(config["loss"]["explainability"]), "also_minimize": bool(config["loss"]["also_minimize"]),
             "seed": config["seed"], "shots": config["task"].get("shots")}
 
