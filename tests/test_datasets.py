@@ -131,6 +131,11 @@ def test_missing_hub_dataset_offline_fails_fast_naming_id_and_cache(tmp_path, mo
     assert "'nobody/no_such_dataset'" in message and str(cache) in message and flag in message
 
 
+def test_a_missing_local_folder_is_not_reported_as_a_hub_miss(tmp_path):
+    with pytest.raises(DatasetError, match=r"is not a folder; give the folder written by save_to_disk"):
+        build_dataset("hf", "test", as_array, hf_id=str(tmp_path / "no_such_folder"))
+
+
 def test_missing_hub_dataset_with_dead_hub_fails_fast(monkeypatch):
     import datasets
 

@@ -30,6 +30,9 @@ def load_hf_split(hf_id: str, hf_config: str | None, split: str, cache_dir: str 
     folder = Path(hf_id).expanduser()
     if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
         return _saved_split(datasets.load_from_disk(str(folder)), split, hf_id)
+    if hf_id.startswith(("/", ".", "~")) and not folder.is_dir():  # a path, never a hub id ("owner/name")
+        raise DatasetError(f"dataset.hf_id={hf_id!r} is not a folder; give the folder written by save_to_disk "
+                           "(or a local data folder), or a hub id such as 'owner/name'")
     reason = None if folder.is_dir() else offline_reason()
     download = datasets.DownloadConfig(max_retries=0, local_files_only=True) if reason else None
     with hub_requests_off(reason is not None):
