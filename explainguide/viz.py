@@ -166,6 +166,31 @@ def token_strip(
     return np.asarray(canvas)
 
 
+def labelled_grid(images: Sequence, labels: Sequence[str], columns: int = 8, font_size: int = 12) -> np.ndarray:
+    """Tiles of equal-size images in rows of `columns`, each under its label (e.g. "step 50").
+
+    images: n images `to_uint8_hwc` accepts, all (H, W); labels: n strings. Returns (H', W', 3) uint8 on white.
+    """
+    tiles = [to_uint8_hwc(image)[..., :3] for image in images]
+    if len(tiles) != len(labels) or not tiles:
+        raise ValueError(f"labelled_grid: {len(tiles)} images and {len(labels)} labels; give one label per image")
+    height, width = tiles[0].shape[:2]
+    if any(tile.shape[:2] != (height, width) for tile in tiles):
+        raise ValueError("labelled_grid: the images differ in size; give images of one size")
+    font, gap = ImageFont.truetype(_FONT_PATH, font_size), 2
+    label_height = font_size + 4
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    canvas = Image.new("RGB", (columns * (width + gap) + gap, rows * (height + label_height + gap) + gap), "white")
+    draw = ImageDraw.Draw(canvas)
+    for index, (tile, label) in enumerate(zip(tiles, labels)):
+        x = gap + (index % columns) * (width + gap)
+        y = gap + (index // columns) * (height + label_height + gap)
+        draw.text((x + 2, y + 1), label, font=font, fill="black")
+        canvas.paste(Image.fromarray(tile), (x, y + label_height))
+    return np.asarray(canvas)
+
+
 def _render(fig: Figure, path: str | Path | None) -> np.ndarray:
     """Rasterise a figure to (H, W, 3) uint8, and write it to ``path`` if given."""
     canvas = FigureCanvasAgg(fig)

@@ -8,6 +8,7 @@ from PIL import Image
 
 from explainguide.viz import (
     heatmap_overlay,
+    labelled_grid,
     line_plot,
     normalise_map,
     save_png,
@@ -209,3 +210,17 @@ def test_line_plot_png_with_and_without_error_bars(tmp_path):
     _assert_real_png(path, out)
     with pytest.raises(ValueError, match="no series"):
         line_plot({}, "x", "y", "t")
+
+
+def test_labelled_grid_places_each_image_under_its_label():
+    red, blue = torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)
+    red[0], blue[2] = 1.0, 1.0
+    grid = labelled_grid([red, blue, red], ["step 0", "step 5", "step 10"], columns=2, font_size=10)
+    label_height, gap = 14, 2
+    assert grid.shape == (2 * (8 + label_height + gap) + gap, 2 * (8 + gap) + gap, 3)
+    top = gap + label_height
+    assert (grid[top : top + 8, gap : gap + 8] == [255, 0, 0]).all()  # first tile, first row
+    assert (grid[top : top + 8, 2 * gap + 8 : 2 * gap + 16] == [0, 0, 255]).all()  # second tile
+    assert (grid[gap:top, gap : gap + 8] < 128).any()  # its label drew dark ink above it
+    with pytest.raises(ValueError, match="one label per image"):
+        labelled_grid([red], ["a", "b"])

@@ -20,7 +20,6 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.transforms import Normalize
-from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from explainguide.explain.engine import explain_pairs
@@ -31,7 +30,7 @@ from explainguide.models.loading import ClipBundle
 from explainguide.runtime import ConfigError, NonFiniteLoss, seed_everything
 from explainguide.tasks.common import prompts_from_config
 from explainguide.tracking import RunRecorder
-from explainguide.viz import heatmap_overlay, line_plot
+from explainguide.viz import heatmap_overlay, labelled_grid, line_plot
 
 Objective = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
@@ -200,7 +199,8 @@ def record_trace(recorder: RunRecorder, trace: Trace, name: str) -> None:
     recorder.image(name, trace.image[0])
     for step, snapshot in trace.snapshots:
         recorder.image(f"{name}_progress", snapshot[0], step=step)
-    grid = make_grid(torch.cat([s for _, s in trace.snapshots]), nrow=min(8, len(trace.snapshots)), pad_value=1.0)
+    grid = labelled_grid([snapshot[0] for _, snapshot in trace.snapshots],
+                         [f"step {step}" for step, _ in trace.snapshots])
     recorder.image(f"{name}_grid", grid, caption="steps " + ", ".join(str(step) for step, _ in trace.snapshots))
     steps = list(range(len(trace.history["loss"])))
     curves = {term: (steps, values, None) for term, values in trace.history.items()}
