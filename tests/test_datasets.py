@@ -95,12 +95,36 @@ def test_hf_custom_columns_plain_labels_and_classnames_file(tmp_path):
                       classnames_file=str(names))
 
 
+def test_labels_beyond_the_class_list_and_extra_names(tmp_path, caplog):
+    folder = save_hf(tmp_path / "saved", [3, 0, 1], None, image_column="img", label_column="y", split=None)
+    names = tmp_path / "names.txt"
+    names.write_text("a\nb\nc\nd\ne\n")
+    with caplog.at_level("WARNING"):
+        build_dataset("hf", "train", as_array, hf_id=str(folder), image_column="img", label_column="y",
+                      classnames_file=str(names))
+    assert "gives 5 class names, the labels reach 3: the last 1 classes have no images" in caplog.text
+    wds = make_wds(tmp_path / "wds")
+    (wds / "classnames.txt").write_text("shark\n")
+    with pytest.raises(DatasetError, match=r"has label 1 but its class list names only 1 classes \(labels 0..0\)"):
+        build_dataset("wds", "test", as_array, hf_id=str(wds))
+
+
+def test_a_label_column_that_holds_no_integers_is_named(tmp_path):
+    folder = save_hf(tmp_path / "saved", [0, 1], ["a", "b"])
+    with pytest.raises(DatasetError, match=r"dataset.label_column='extra' .* holds Value\(.*string.*pick a ClassLabel or integer"):
+        build_dataset("hf", "test", as_array, hf_id=str(folder), label_column="extra")
+
+
 def test_hf_wrong_column_and_split_name_the_fix(tmp_path):
     folder = save_hf(tmp_path / "saved", [0, 1], ["a", "b"])
     with pytest.raises(DatasetError, match=r"dataset.image_column='picture'.*columns: \['image', 'label', 'extra'\]"):
         build_dataset("hf", "test", as_array, hf_id=str(folder), image_column="picture")
-    with pytest.raises(DatasetError, match=r"has splits \['test'\], not 'validation'.*split_map"):
+    with pytest.raises(DatasetError, match=r"has no split 'validation'; its splits: \['test'\]; add it, or map it, "
+                                           r"e.g. 'dataset.split_map=\{validation: test\}'"):
         build_dataset("hf", "validation", as_array, hf_id=str(folder))
+    with pytest.raises(DatasetError, match=r"no split 'val', which dataset.split_map maps 'test' to; its splits: "
+                                           r"\['test'\]; map 'test' to one of them"):
+        build_dataset("hf", "test", as_array, hf_id=str(folder), split_map={"test": "val"})
     assert len(build_dataset("hf", "validation", as_array, hf_id=str(folder), split_map={"validation": "test"})) == 2
 
 
@@ -207,8 +231,11 @@ def test_wds_folder_reads_shards_in_order_with_names_and_templates(tmp_path):
 
 def test_wds_broken_layouts_name_the_fix(tmp_path):
     folder = make_wds(tmp_path / "wds")
-    with pytest.raises(DatasetError, match=r"no \*\.tar shards \(split folders here: \['test'\]\)"):
+    with pytest.raises(DatasetError, match=r"has no split 'train'; its splits: \['test'\]"):
         build_dataset("wds", "train", as_array, hf_id=str(folder))
+    (folder / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no \*\.tar shards"):
+        build_dataset("wds", "train", as_array, hf_id=str(folder), split_map={"train": "empty"})
     write_shard(folder / "test" / "11.tar", [("s0000004", "png", png_bytes(tiny_image(4)), None)])
     with pytest.raises(DatasetError, match=r"11\.tar: sample 's0000004' has only \['png'\].*\.cls label"):
         build_dataset("wds", "test", as_array, hf_id=str(folder))
@@ -255,8 +282,10 @@ def test_image_folder_without_the_split_maps_it_or_warns(tmp_path, caplog):
     for split in ("train", "val"):
         (tmp_path / "split" / split / "walrus").mkdir(parents=True)
         tiny_image(0).save(tmp_path / "split" / split / "walrus" / "0.png")
-    with pytest.raises(DatasetError, match=r"has split folders \['train', 'val'\] but no 'test'; .*split_map=\{test: val\}"):
+    with pytest.raises(DatasetError, match=r"has no split 'test'; its splits: \['train', 'val'\]; .*split_map=\{test: val\}"):
         build_dataset("image_folder", "test", as_array, root=str(tmp_path / "split"))
+    with pytest.raises(DatasetError, match=r"no split 'valid', which dataset.split_map maps 'test' to"):
+        build_dataset("image_folder", "test", as_array, root=str(tmp_path / "split"), split_map={"test": "valid"})
     mapped = build_dataset("image_folder", "test", as_array, root=str(tmp_path / "split"), split_map={"test": "val"})
     assert mapped.classnames == ["walrus"] and len(mapped) == 1
     (tmp_path / "flat" / "walrus").mkdir(parents=True)

@@ -20,6 +20,15 @@ class DatasetError(ValueError):
     """A dataset could not be built; the message names the value and the fix."""
 
 
+class SplitNotFound(DatasetError):
+    """A source lacks the split asked for: `where` (e.g. "dataset.root='data'") has `available` splits, not
+    `missing`. `build_dataset` words the fix, since only it knows whether dataset.split_map already renamed it."""
+
+    def __init__(self, where: str, missing: str, available: list[str]):
+        self.where, self.missing, self.available = where, missing, available
+        super().__init__(f"{where} has no split {missing!r}; its splits: {available}")
+
+
 class ClassificationDataset(Dataset):
     """(transform(image), label) items of `base`, with `classnames`, `templates` and every item's label.
 

@@ -18,11 +18,14 @@ their names come from the dataset (CLIP_benchmark's classnames.txt holds the rig
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 from explainguide.data.base import DatasetError
+
+log = logging.getLogger(__name__)
 
 BENCHMARKS: dict[str, dict] = json.loads(Path(__file__).with_name("benchmarks.json").read_text(encoding="utf-8"))
 
@@ -114,6 +117,14 @@ def resolve_classnames(source: list[str] | None, labels: Sequence[int], benchmar
     if len(names) < n_classes or (source is not None and len(names) != len(source)):
         raise DatasetError(f"{origin} gives {len(names)} class names but the dataset has {n_classes} classes; "
                            f"give one name per class, in label order")
+    top_label = max(labels, default=-1)
+    if top_label >= len(names):
+        where = "its class list" if origin == "the dataset" else origin
+        raise DatasetError(f"the dataset has label {top_label} but {where} names only {len(names)} classes "
+                           f"(labels 0..{len(names) - 1}); give one name per label, in label order")
+    if classnames_file and len(names) > top_label + 1:
+        log.warning("%s gives %d class names, the labels reach %d: the last %d classes have no images here but "
+                    "stay candidates in every prediction", origin, len(names), top_label, len(names) - top_label - 1)
     return [" ".join(name.replace("_", " ").split()) for name in names]
 
 

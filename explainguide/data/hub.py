@@ -8,11 +8,12 @@ folder and the fix.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from explainguide.data.base import DatasetError, image_from_bytes
+from explainguide.data.base import DatasetError, SplitNotFound, image_from_bytes
 from explainguide.images import load_image
 from explainguide.offline import hub_requests_off, offline_reason
 
@@ -48,8 +49,11 @@ def load_hf_split(hf_id: str, hf_config: str | None, split: str, cache_dir: str 
         except ValueError as err:
             if "split" not in str(err):
                 raise
-            raise DatasetError(f"dataset.hf_id={hf_id!r} has no split {split!r} ({err}); "
-                               f"map it with dataset.split_map={{{split}: <one of its splits>}}") from None
+            available = re.findall(r"'([^']+)'", str(err).partition("one of")[2])  # datasets lists them so
+            if not available:
+                raise DatasetError(f"dataset.hf_id={hf_id!r} has no split {split!r} ({err}); map the task's split "
+                                   "to one it has with dataset.split_map") from None
+            raise SplitNotFound(f"dataset.hf_id={hf_id!r}", split, available) from None
 
 
 def _saved_split(saved, split: str, hf_id: str):
@@ -57,8 +61,7 @@ def _saved_split(saved, split: str, hf_id: str):
     if not hasattr(saved, "keys"):
         return saved
     if split not in saved:
-        raise DatasetError(f"dataset.hf_id={hf_id!r} has splits {sorted(saved)}, not {split!r}; "
-                           f"map it with dataset.split_map={{{split}: <one of them>}}")
+        raise SplitNotFound(f"dataset.hf_id={hf_id!r}", split, sorted(saved))
     return saved[split]
 
 
@@ -97,6 +100,9 @@ class HFImages(Dataset):
                 raise DatasetError(f"dataset.{option}={column!r} is not a column of {where}; "
                                    f"its columns: {table.column_names}")
         feature = table.features[label_column]
+        if not (isinstance(feature, ClassLabel) or (isinstance(feature, Value) and "int" in feature.dtype)):
+            raise DatasetError(f"dataset.label_column={label_column!r} of {where} holds {feature}; "
+                               f"pick a ClassLabel or integer column")
         self.classnames = list(feature.names) if isinstance(feature, ClassLabel) else None
         self.labels = [int(label) for label in table.with_format(None)[label_column]]
         if any(label < 0 for label in self.labels):

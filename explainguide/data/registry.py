@@ -20,7 +20,7 @@ import torch
 from torchvision.transforms import Compose
 from torchvision.transforms.functional import to_pil_image
 
-from explainguide.data.base import ClassificationDataset, DatasetError
+from explainguide.data.base import ClassificationDataset, DatasetError, SplitNotFound
 from explainguide.data.benchmarks import resolve_classnames, resolve_templates
 from explainguide.data.templates import COMPARISON_TEMPLATES, SIMPLE_TEMPLATES
 from explainguide.images import list_images, load_image
@@ -73,9 +73,7 @@ def _build_image_folder(split: str, preprocess: Callable, root: str | None, seed
     if (root_dir / split).is_dir():
         folder = root_dir / split
     elif splits:
-        other = [name for name in splits if name != "train"] or splits  # never suggest testing on training images
-        raise DatasetError(f"dataset.root={str(root)!r} has split folders {splits} but no {split!r}; add it, or map "
-                           f"the split, e.g. 'dataset.split_map={{{split}: {other[-1]}}}'")
+        raise SplitNotFound(f"dataset.root={str(root)!r}", split, splits)
     else:
         log.warning("dataset.root=%s has no split folders: split %r is the whole folder (few-shot training images "
                     "are then test images too); use %s/ sub-folders to keep them apart", root, split,
@@ -134,6 +132,16 @@ DATASETS: dict[str, Callable[..., ClassificationDataset]] = {
 _COMMON = {"split", "preprocess", "root", "seed", "size"}
 
 
+def _split_fix(err: SplitNotFound, split: str) -> str:
+    """The missing-split message with its fix: map the task's split to one the source has (never test -> train)."""
+    candidates = [name for name in err.available if name != "train"] if split != "train" else err.available
+    example = f"'dataset.split_map={{{split}: {(candidates or ['<one of them>'])[-1]}}}'"
+    if err.missing != split:
+        return (f"{err.where} has no split {err.missing!r}, which dataset.split_map maps {split!r} to; its splits: "
+                f"{err.available}; map {split!r} to one of them, e.g. {example}")
+    return f"{err.where} has no split {split!r}; its splits: {err.available}; add it, or map it, e.g. {example}"
+
+
 def build_dataset(
     name: str,
     split: str,
@@ -162,7 +170,10 @@ def build_dataset(
         raise DatasetError(f"dataset={name} has no option(s) {['dataset.' + key for key in unknown]}; "
                            f"its options: {sorted(accepted) or 'none'}; remove them or pick another dataset")
     source_split = (split_map or {}).get(split, split)
-    dataset = builder(split=source_split, preprocess=preprocess, root=root, seed=seed, size=size, **options)
+    try:
+        dataset = builder(split=source_split, preprocess=preprocess, root=root, seed=seed, size=size, **options)
+    except SplitNotFound as err:
+        raise DatasetError(_split_fix(err, split)) from None
     dataset.classnames = resolve_classnames(dataset.classnames, dataset.labels, benchmark, classnames_file)
     dataset.templates = resolve_templates(template_set, benchmark, dataset.templates, templates)
     if limit is not None and limit < len(dataset):

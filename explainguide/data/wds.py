@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from explainguide.data.base import DatasetError, image_from_bytes
+from explainguide.data.base import DatasetError, SplitNotFound, image_from_bytes
 
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
@@ -50,10 +50,12 @@ class WdsShards(Dataset):
     def __init__(self, folder: Path, split: str):
         split_folder = folder / split
         shards = sorted(split_folder.glob("*.tar"), key=_shard_order)
-        if not shards:
+        if not split_folder.is_dir():
             present = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-            raise DatasetError(f"{split_folder}: no *.tar shards (split folders here: {present}); "
-                               f"pick another dataset.split or map it with dataset.split_map")
+            raise SplitNotFound(str(folder), split, present)
+        if not shards:
+            raise DatasetError(f"{split_folder}: no *.tar shards; put the split's shards there, or map the task's "
+                               "split to another folder with dataset.split_map")
         self.items: list[tuple[Path, int, int, str]] = []  # shard, data offset, size, name for errors
         self.labels: list[int] = []
         for shard in shards:
