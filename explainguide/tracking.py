@@ -352,7 +352,7 @@ def _file_name(name: str) -> str:
 
 def _markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     def cell(value: Any) -> str:
-        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        text = f"{value:.6g}" if isinstance(value, float) else "" if value is None else str(value)
         return text.replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]

@@ -173,6 +173,8 @@ def test_shots_file_from_another_split_is_rejected(tmp_path):
         train(tmp_path / "hand", "task.epochs=0", f"task.shots_file={handmade}")
     meta = json.loads((tmp_path / "small" / "shots.json").read_text())["meta"]
     assert meta["n_images"] == 36 and meta["dataset"] == "shapes" and meta["k"] == 1
+    with pytest.raises(ConfigError, match=r"holds 1 shots per class, this run has task.shots=2; set task.shots=1"):
+        train(tmp_path / "two", "task.epochs=0", "dataset.size=36", "task.shots=2", f"task.shots_file={other}")
 
 
 def test_nan_loss_stops_the_run_naming_step_and_term(tmp_path, monkeypatch):
@@ -297,3 +299,16 @@ def test_evaluate_names_an_empty_prompts_value(tmp_path):
     cfg = compose_config("task=evaluate", "task.prompts=''")
     with pytest.raises(ConfigError, match=r"^task.prompts is empty; give the prompts.safetensors"):
         run_task(cfg, RunContext(output_dir=tmp_path / "out", launch_dir=tmp_path))
+
+
+def test_a_class_without_test_images_has_an_empty_accuracy_cell(tmp_path):
+    from explainguide.tasks.evaluate import record_evaluation
+    from explainguide.tracking import RunRecorder
+
+    result = {"acc1": 1.0, "mean_per_class_acc": 1.0, "class_name_score": 0.5,
+              "per_class_acc": [1.0, 0.0], "per_class_count": [3, 0]}
+    with RunRecorder(tmp_path, {}) as recorder:
+        record_evaluation(recorder, result, ["red circle", "blue square"], "test")
+    with open(tmp_path / "test_per_class.csv", newline="") as handle:
+        assert list(csv.reader(handle))[1:] == [["red circle", "3", "1.0"], ["blue square", "0", ""]]
+    assert "| blue square | 0 |  |" in (tmp_path / "summary.md").read_text()

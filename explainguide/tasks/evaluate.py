@@ -108,7 +108,8 @@ def evaluate_prompts(model, learner: PromptLearner, features: torch.Tensor, labe
 
 def record_evaluation(recorder, result: dict, classnames: list[str], split: str) -> dict:
     """Summary values `<split>/acc1`, `<split>/mean_per_class_acc`, `<split>/class_name_score` and a per-class table."""
-    rows = [[name, n, round(acc, 4)] for name, n, acc in
+    # A class without images in this split has no accuracy: its cell stays empty, never 0.
+    rows = [[name, n, round(acc, 4) if n else None] for name, n, acc in
             zip(classnames, result["per_class_count"], result["per_class_acc"])]
     recorder.table(f"{split}_per_class", ["class", "n_images", "acc1"], rows)
     metrics = {f"{split}/{key}": result[key] for key in ("acc1", "mean_per_class_acc", "class_name_score")}

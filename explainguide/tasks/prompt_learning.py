@@ -169,6 +169,9 @@ def _sample_shots(cfg: DictConfig, dataset) -> tuple[list[int], dict]:
                 shown = (f"{len(theirs)} classes", f"{len(value)} classes") if key == "classes" else (theirs, value)
                 raise ConfigError(f"task.shots_file={task.shots_file!r} was drawn from {key}={shown[0]!r}, this run "
                                   f"has {key}={shown[1]!r}; give the shots.json of a run on this training split")
+        if shots.meta.get("k", task.shots) != task.shots:  # metrics and tables record task.shots
+            raise ConfigError(f"task.shots_file={task.shots_file!r} holds {shots.meta['k']} shots per class, this "
+                              f"run has task.shots={task.shots}; set task.shots={shots.meta['k']} to match it")
         bad = [index for index in shots.indices if not 0 <= index < len(dataset)]
         if bad:
             raise ConfigError(f"task.shots_file={task.shots_file!r} holds index {bad[0]}, outside the {len(dataset)} "
