@@ -229,6 +229,15 @@ def test_wds_folder_reads_shards_in_order_with_names_and_templates(tmp_path):
                .templates) == 80
 
 
+def test_wds_folder_without_templates_says_which_it_uses(tmp_path, caplog):
+    folder = make_wds(tmp_path / "wds")
+    (folder / "zeroshot_classification_templates.txt").unlink()
+    with caplog.at_level("WARNING"):
+        dataset = build_dataset("wds", "test", as_array, hf_id=str(folder))
+    assert dataset.templates == ["a photo of a {}."]
+    assert "has no zeroshot_classification_templates.txt: its own templates are ['a photo of a {}.']" in caplog.text
+
+
 def test_wds_broken_layouts_name_the_fix(tmp_path):
     folder = make_wds(tmp_path / "wds")
     with pytest.raises(DatasetError, match=r"has no split 'train'; its splits: \['test'\]"):
@@ -272,10 +281,11 @@ def test_image_folder_labels_mean_the_same_class_in_every_split(tmp_path, caplog
             tiny_image(0).save(tmp_path / split / cls / "0.png")
     with caplog.at_level("WARNING"):
         test = build_dataset("image_folder", "test", as_array, root=str(tmp_path))
-    train = build_dataset("image_folder", "train", as_array, root=str(tmp_path))
+        train = build_dataset("image_folder", "train", as_array, root=str(tmp_path))
     assert test.classnames == train.classnames == ["blue", "green", "red"]
     assert test.labels == [1, 2] and train.labels == [0, 2]
-    assert "test/ lacks ['blue']; train/ lacks ['green']" in caplog.text
+    warnings = [record.getMessage() for record in caplog.records]  # each split states its own gap, once
+    assert len(warnings) == 2 and "test/ lacks ['blue']" in warnings[0] and "train/ lacks ['green']" in warnings[1]
 
 
 def test_image_folder_without_the_split_maps_it_or_warns(tmp_path, caplog):

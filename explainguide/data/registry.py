@@ -82,11 +82,10 @@ def _build_image_folder(split: str, preprocess: Callable, root: str | None, seed
     # Labels must mean the same class in every split: the class list is the union of all split folders' classes.
     per_split = {name: set(_class_folders(root_dir / name)) for name in splits} or {split: set(_class_folders(folder))}
     classes = sorted(set().union(*per_split.values()))
-    lacking = {name: sorted(set(classes) - found) for name, found in per_split.items() if set(classes) - found}
-    if lacking:
-        log.warning("dataset.root=%s: the split folders hold different classes (%s); labels follow the union of "
-                    "their %d classes", root, "; ".join(f"{name}/ lacks {missing}" for name, missing in lacking.items()),
-                    len(classes))
+    lacking = sorted(set(classes) - per_split.get(split, set(classes)))
+    if lacking:  # said by the split that lacks them, so a run building train and test says each fact once
+        log.warning("dataset.root=%s: %s/ lacks %s, which other split folders hold; labels follow the union of "
+                    "their %d classes", root, split, lacking, len(classes))
     base = _ImageFolder(folder, classes)
     return ClassificationDataset(base, preprocess, base.classnames, list(COMPARISON_TEMPLATES),
                                  [label for _, label in base.items])
@@ -119,8 +118,12 @@ def _build_wds(split: str, preprocess: Callable, root: str | None, seed: int, si
     if not folder.is_dir():
         folder = download_snapshot(hf_id, [CLASSNAMES_FILE, TEMPLATES_FILE, f"{split}/*"], cache_dir=root)
     base = WdsShards(folder, split)
-    templates = read_templates(folder) or list(SIMPLE_TEMPLATES)
-    return ClassificationDataset(base, preprocess, read_classnames(folder), templates, base.labels)
+    templates = read_templates(folder)
+    if not templates:
+        log.warning("%s has no %s: its own templates are %s (dataset.template_set=imagenet80 or "
+                    "dataset.templates=[...] choose others)", folder, TEMPLATES_FILE, SIMPLE_TEMPLATES)
+    return ClassificationDataset(base, preprocess, read_classnames(folder), templates or list(SIMPLE_TEMPLATES),
+                                 base.labels)
 
 
 DATASETS: dict[str, Callable[..., ClassificationDataset]] = {
