@@ -190,6 +190,17 @@ def test_vqgan_init_from_image_snaps_to_codebook(tiny_vqgan):
     assert generator().shape == (1, 3, 32, 32)
 
 
+def test_a_malformed_vqgan_config_is_one_line_naming_the_file(tmp_path):
+    lacking = {key: value for key, value in TINY_VQGAN.items() if key != "z_channels"}
+    path = _vqgan_yaml(tmp_path / "lacking.yaml", lacking, n_embed=16, embed_dim=8)
+    with pytest.raises(GeneratorError, match=r"lacking.yaml lacks or misstates model.params .*z_channels") as err:
+        read_config(path)
+    assert "\n" not in str(err.value)
+    (tmp_path / "broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(GeneratorError, match=r"broken.yaml is not readable YAML"):
+        read_config(tmp_path / "broken.yaml")
+
+
 def test_vqgan_matches_taming_module_names_for_imagenet_f16_16384(tmp_path):
     config = read_config(_vqgan_yaml(tmp_path / "m.yaml", IMAGENET_F16_16384, n_embed=16384, embed_dim=256))
     with torch.device("meta"):

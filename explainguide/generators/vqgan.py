@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from omegaconf import errors as omegaconf_errors
 from torch import Tensor, nn
 
 from explainguide.generators.base import (
@@ -77,7 +78,11 @@ def check_files(checkpoint: str | Path, config: str | Path) -> None:
 def read_config(path: str | Path) -> VQGANConfig:
     """Parse a taming `model.yaml` (target taming.models.vqgan.VQModel); see :func:`check_files`."""
     path = Path(path)
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml and OmegaConf raise many types, over several lines
+        raise GeneratorError(f"vqgan config {path} is not readable YAML ({type(err).__name__}); pass the "
+                             "configs/model.yaml that came with the checkpoint") from err
     target = OmegaConf.select(cfg, "model.target")
     if target != SUPPORTED_TARGET:
         raise GeneratorError(
@@ -87,6 +92,15 @@ def read_config(path: str | Path) -> VQGANConfig:
     params = cfg.model.params
     if params.get("remap") is not None:
         raise GeneratorError(f"vqgan config {path} uses a remapped codebook (remap=...); use a model without remap")
+    try:
+        return _vqgan_config(params)
+    except (AttributeError, KeyError, TypeError, omegaconf_errors.OmegaConfBaseException) as err:
+        missing = getattr(err, "full_key", None) or str(err).splitlines()[0]
+        raise GeneratorError(f"vqgan config {path} lacks or misstates model.params {missing!r}; pass the "
+                             "configs/model.yaml that came with the checkpoint") from err
+
+
+def _vqgan_config(params) -> VQGANConfig:
     dd = params.ddconfig
     return VQGANConfig(
         ch=dd.ch,
