@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -63,6 +65,14 @@ def run_task(cfg: DictConfig, ctx: RunContext) -> dict:
     return runner(cfg, ctx)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `kill`, a scheduler's preemption) ends a run as Ctrl-C does: one line, a failed record."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
 class JobFailed(RuntimeError):
     """A sweep job failed: raised so that the launcher records it and runs the other jobs; the sweep then exits 1."""
 
@@ -89,13 +99,19 @@ def main(cfg: DictConfig) -> None:
     warnings.formatwarning = _one_line_warning
     logging.captureWarnings(True)
     ctx = context_from_hydra(cfg)
+    # Only where nobody else handles SIGTERM: submitit installs its own, for requeueing preempted jobs.
+    own_sigterm = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run_task(cfg, ctx)
-    except KeyboardInterrupt:
-        log.error("interrupted", exc_info=True, extra={"console": False})
-        record_failure(ctx.output_dir, KeyboardInterrupt("interrupted"))
-        print(f"error: interrupted; {ctx.output_dir} keeps what finished{resume_hint(cfg, ctx)}", file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as err:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("interrupted", 130)
+        log.error(what, exc_info=True, extra={"console": False})
+        record_failure(ctx.output_dir, KeyboardInterrupt(what))
+        print(f"error: {what}; {ctx.output_dir} keeps what finished{resume_hint(cfg, ctx)}", file=sys.stderr)
+        raise SystemExit(code) from None
     except Exception as err:
         # Instantiation wraps the real error; show the cause. One clear line for the user; the traceback goes to
         # the job log file in the output dir.
@@ -107,4 +123,7 @@ def main(cfg: DictConfig) -> None:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise JobFailed(f"job {ctx.output_dir} failed: {cause}") from None
         raise SystemExit(1) from None
+    finally:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(ctx.output_dir)

@@ -254,3 +254,20 @@ def test_an_empty_or_undecodable_prompts_file_is_named(tmp_path, content, messag
     with pytest.raises(ConfigError, match=message) as err:
         prompts_from_config(None, str(path))
     assert str(path) in str(err.value)
+
+
+def test_sigterm_ends_a_run_like_ctrl_c_with_exit_143(tmp_path, monkeypatch, capsys):
+    import signal
+
+    def killed(cfg, ctx):
+        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would
+        pytest.fail("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(app, "run_task", killed)
+    monkeypatch.setattr(sys, "argv", ["explainguide", "task=explain", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        app.main()
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err.startswith("error: terminated (SIGTERM);")
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back after the run
