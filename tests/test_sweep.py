@@ -64,9 +64,11 @@ def test_every_coop_preset_is_one_multirun_of_lambda_and_seeds(experiment):
 
 def test_debug_sweep_table_matches_the_jobs_and_reruns_skip(tmp_path, monkeypatch):
     sweep_dir = tmp_path / "sweep"
-    sweep_in_process(monkeypatch, sweep_dir, *DEBUG_SWEEP)
+    overrides = [*DEBUG_SWEEP, f"model.cache_dir={tmp_path / 'weights' / 'cache'}"]  # a path: no nested job dirs
+    sweep_in_process(monkeypatch, sweep_dir, *overrides)
     jobs = job_dirs(sweep_dir)
     assert len(jobs) == 4 and all(json.loads((j / "metrics.json").read_text())["status"] == "ok" for j in jobs)
+    assert all(job.parent == sweep_dir for job in jobs)
 
     make_table.main([str(sweep_dir), "--out", str(tmp_path / "table"), "--name", "coop"])
     rows = list(csv.DictReader((tmp_path / "table" / "coop.csv").open()))
@@ -85,7 +87,7 @@ def test_debug_sweep_table_matches_the_jobs_and_reruns_skip(tmp_path, monkeypatc
     # The same command again: the same job dirs, each already finished, so nothing trains or rewrites.
     stamps = {job: (job / "metrics.json").stat().st_mtime_ns for job in jobs}
     monkeypatch.setattr(prompt_learning, "train_step", lambda *args: pytest.fail("a finished job trained again"))
-    sweep_in_process(monkeypatch, sweep_dir, *DEBUG_SWEEP)
+    sweep_in_process(monkeypatch, sweep_dir, *overrides)
     assert job_dirs(sweep_dir) == jobs
     assert {job: (job / "metrics.json").stat().st_mtime_ns for job in jobs} == stamps
 
