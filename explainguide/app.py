@@ -70,7 +70,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum, frame) -> None:
-    raise Terminated
+    raise Terminated("terminated (SIGTERM)")
 
 
 class JobFailed(RuntimeError):

@@ -156,12 +156,19 @@ class Cell:
         return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
+def job_identity(job: Job) -> dict:
+    """run_identity of the job's config, overridden by what its metrics.json recorded: a refused rerun into a
+    finished job's dir rewrites .hydra/config.yaml (Hydra saves it before the run starts), never the metrics."""
+    recorded = {key: job.metrics[key] for key in ("dataset", "model", "lambda", "seed") if key in job.metrics}
+    return {**run_identity(job.config), **recorded}
+
+
 def coop_cells(jobs: list[Job], grids: list[dict], metric: str) -> dict[tuple, dict[float, Cell]]:
     """{(dataset, model): {λ: Cell}} over the jobs seen and the seeds/λ their sweeps asked for."""
     seen: dict[tuple, dict[float, dict[int, Job]]] = defaultdict(lambda: defaultdict(dict))
     for job in jobs:
         if job.task == "prompt_learning":
-            key = run_identity(job.config)
+            key = job_identity(job)
             by_seed = seen[(key["dataset"], key["model"])][key["lambda"]]
             if key["seed"] in by_seed:
                 other = by_seed[key["seed"]]

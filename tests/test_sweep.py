@@ -151,6 +151,16 @@ def test_a_lambda_that_is_not_a_number_is_listed_not_tabulated(tmp_path):
     assert "λ='abc', asked for by the sweep" in notes and f"{sweep_dir / '1'}: λ='abc' is not a number" in notes
 
 
+def test_a_job_is_tabulated_by_what_its_metrics_recorded(tmp_path):
+    # A refused rerun into a finished job dir leaves Hydra's .hydra/config.yaml saying λ=1; metrics.json says 0.
+    sweep_dir = tmp_path / "sweep"
+    write_sweep(sweep_dir, [({"loss.explainability": 1.0, "seed": 1}, {**ok(0.5), "lambda": 0.0, "seed": 1})],
+                {"loss.explainability": "0", "seed": "1"})
+    make_table.main([str(sweep_dir), "--name", "coop"])
+    rows = list(csv.DictReader((sweep_dir / "coop.csv").open()))
+    assert [(row["lambda"], row["mean"]) for row in rows] == [("0.0", "0.5")]
+
+
 def test_jobs_that_differ_in_another_key_are_refused_naming_the_key(tmp_path):
     sweep_dir = tmp_path / "sweep"
     write_sweep(sweep_dir, [({"task.n_ctx": 4}, ok(0.5)), ({"task.n_ctx": 8}, ok(0.6))], {"task.n_ctx": "4,8"})
