@@ -161,6 +161,15 @@ def test_a_job_is_tabulated_by_what_its_metrics_recorded(tmp_path):
     assert [(row["lambda"], row["mean"]) for row in rows] == [("0.0", "0.5")]
 
 
+def test_two_image_folders_are_two_rows_named_by_their_folder(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    write_sweep(sweep_dir, [({"dataset.name": "image_folder", "dataset.root": f"/data/{name}"}, ok(acc))
+                            for name, acc in (("pets", 0.5), ("cars", 0.25))], {"seed": "0"})
+    make_table.main([str(sweep_dir), "--name", "coop"])
+    rows = {row["dataset"]: row["mean"] for row in csv.DictReader((sweep_dir / "coop.csv").open())}
+    assert rows["image_folder:pets"] == "0.5" and rows["image_folder:cars"] == "0.25"
+
+
 def test_jobs_that_differ_in_another_key_are_refused_naming_the_key(tmp_path):
     sweep_dir = tmp_path / "sweep"
     write_sweep(sweep_dir, [({"task.n_ctx": 4}, ok(0.5)), ({"task.n_ctx": 8}, ok(0.6))], {"task.n_ctx": "4,8"})

@@ -197,7 +197,9 @@ def table_row(config: dict) -> tuple[str, str]:
     """(dataset, model) of a job's resolved config: a row of the sweep tables."""
     model, dataset = config["model"], config["dataset"]
     weights = model.get("pretrained") or (Path(model["checkpoint"]).name if model.get("checkpoint") else "random-init")
-    return dataset.get("benchmark") or dataset.get("hf_id") or dataset["name"], f"{model.get('name') or 'checkpoint'}/{weights}"
+    # Local folders are told apart by their name (image_folder:pets), so two of them can share a table.
+    name = f"{dataset['name']}:{Path(dataset['root']).name}" if dataset.get("root") else dataset["name"]
+    return dataset.get("benchmark") or dataset.get("hf_id") or name, f"{model.get('name') or 'checkpoint'}/{weights}"
 
 
 def run_identity(config: dict) -> dict:
