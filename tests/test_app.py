@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import zipfile
@@ -213,17 +214,27 @@ def test_main_job_debug_size_end_to_end(tmp_path):
     assert "templates" in (run_dir / "summary.md").read_text()
 
 
-def test_ctrl_c_is_one_line_exit_130_and_a_failed_record(tmp_path, monkeypatch, capsys):
-    def interrupted(cfg, ctx):
-        raise KeyboardInterrupt
+def _ctrl_c(cfg, ctx):
+    raise KeyboardInterrupt
 
-    monkeypatch.setattr(app, "run_task", interrupted)
+
+def _sigterm(cfg, ctx):
+    os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would
+    pytest.fail("SIGTERM did not stop the run")
+
+
+@pytest.mark.parametrize("stop, code, line", [(_ctrl_c, 130, "error: interrupted;"),
+                                              (_sigterm, 143, "error: terminated (SIGTERM);")])
+def test_ctrl_c_and_sigterm_are_one_line_an_exit_code_and_a_failed_record(tmp_path, monkeypatch, capsys, stop,
+                                                                          code, line):
+    monkeypatch.setattr(app, "run_task", stop)
     monkeypatch.setattr(sys, "argv", ["explainguide", "task=explain", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
     with pytest.raises(SystemExit) as exit_info:
         app.main()
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.startswith("error: interrupted;")
+    assert exit_info.value.code == code
+    assert capsys.readouterr().err.startswith(line)
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back after the run
 
 
 def test_an_interrupted_prompt_learning_run_says_how_to_continue_it(tmp_path, monkeypatch, capsys):
@@ -254,20 +265,3 @@ def test_an_empty_or_undecodable_prompts_file_is_named(tmp_path, content, messag
     with pytest.raises(ConfigError, match=message) as err:
         prompts_from_config(None, str(path))
     assert str(path) in str(err.value)
-
-
-def test_sigterm_ends_a_run_like_ctrl_c_with_exit_143(tmp_path, monkeypatch, capsys):
-    import signal
-
-    def killed(cfg, ctx):
-        os.kill(os.getpid(), signal.SIGTERM)  # as `timeout` or a scheduler would
-        pytest.fail("SIGTERM did not stop the run")
-
-    monkeypatch.setattr(app, "run_task", killed)
-    monkeypatch.setattr(sys, "argv", ["explainguide", "task=explain", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"])
-    with pytest.raises(SystemExit) as exit_info:
-        app.main()
-    assert exit_info.value.code == 143
-    assert capsys.readouterr().err.startswith("error: terminated (SIGTERM);")
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handed back after the run
