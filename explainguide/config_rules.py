@@ -95,7 +95,7 @@ RULES: dict[str, Rule] = {
     "task.snapshot_every": Rule(int, low=0),
     "task.eval_views": COUNT,
     "task.neglect_threshold": Rule(float, low=0, high=1),
-    "task.threshold": Rule(float),
+    "task.threshold": Rule(float, low=0, high=1),  # relevance is min-max scaled to [0, 1]
     "task.temperature": POSITIVE,
     "task.first_block": Rule(int),
     "task.cutouts.n": COUNT,

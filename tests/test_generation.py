@@ -211,6 +211,14 @@ def test_regions_under_one_percent_of_the_image_warn(tmp_path, caplog):
     assert "enlarge its box or mask" in warning and tiny.weight == pytest.approx(0.15 / math.sqrt(9 / 1024))
 
 
+def test_a_region_covering_nearly_the_whole_image_warns(tmp_path, caplog):
+    phrases = "task.phrases=[{text: a, box: [0, 0, 32, 32]}, {text: b, box: [0, 0, 31, 31]}]"  # 100 % and 93.8 %
+    with caplog.at_level(logging.WARNING):
+        regions_from_config(compose_config("task=spatial", *TINY, "generator.size=32", phrases), tmp_path)
+    [warning] = warnings_of(caplog, "explainguide.tasks.spatial")
+    assert warning.startswith("task.phrases[0] covers 100 % of the image") and "conditions nothing" in warning
+
+
 # Flags parsed without the tokenizer; an unknown model would fail as soon as it is built, so these come first.
 @pytest.mark.parametrize("task", ["generate", "edit"])
 @pytest.mark.parametrize(
@@ -246,6 +254,16 @@ def test_non_finite_loss_stops_at_its_step_naming_the_terms():
     assert torch.isfinite(generator.logits).all() and not torch.equal(generator.logits, start)
 
 
+@pytest.mark.parametrize("every, steps_seen", [(0, [0, 3]), (2, [0, 2, 3])])
+def test_snapshots_are_the_start_every_n_steps_and_the_end_each_passed_on_as_taken(every, steps_seen):
+    passed = []
+    trace = optimise(build_generator("pixel", 8), lambda image: {"loss": image.mean()}, steps=3, lr=0.1,
+                     lambda_key="loss.explainability", snapshot_every=every,
+                     on_snapshot=lambda step, image: passed.append((step, tuple(image.shape))))
+    assert [step for step, _ in trace.snapshots] == steps_seen
+    assert passed == [(step, (1, 3, 8, 8)) for step in steps_seen]
+
+
 def test_edit_whose_loss_overflows_fails_instead_of_finishing_ok(tmp_path):
     cfg = compose_config("task=edit", *TINY, "task.lr=1", "loss.l2=1e38", "task.steps=3")  # the anchor overflows
     with pytest.raises(NonFiniteLoss, match=r"edit: non-finite loss at step 1 \(loss=inf"):
@@ -262,14 +280,28 @@ def test_too_small_generator_is_rejected_up_front(tmp_path):
 # End to end (random toy weights: only the plumbing matters)
 
 
-def test_generate_runs_both_phases_and_writes_its_files(tmp_path):
+def test_generate_runs_both_phases_and_writes_its_files(tmp_path, monkeypatch):
+    from explainguide.tracking import RunRecorder
+
+    steps_logged = []  # W&B drops anything logged at a step below the last one
+    for method in ("log", "image"):
+        original = getattr(RunRecorder, method)
+
+        def spy(self, *args, _original=original, **kwargs):
+            if kwargs.get("step") is not None:
+                steps_logged.append(kwargs["step"])
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(RunRecorder, method, spy)
     metrics, out = run(tmp_path, "task=generate", *TINY, "task.cutouts.n=2", "task.words=[star, cross]")
+    assert steps_logged == sorted(steps_logged) and max(steps_logged) == 4
     assert metrics["status"] == "ok" and metrics["generate/guided"] is True
     assert metrics["generate/chosen"] == ["star", "cross"]
     assert len(metrics["generate/word_scores_plain"]) == len(metrics["generate/words"]) == 7
     assert all(math.isfinite(s) for s in metrics["generate/word_scores_guided"])
     expected = {"final", "plain", "guided", "plain_grid", "guided_grid", "plain_loss", "guided_loss", "plain_tokens",
-                "guided_tokens", "plain_relevance", "guided_relevance", "guided_progress_000001"}
+                "guided_tokens", "plain_relevance", "guided_relevance", "plain_progress_000000", "plain_progress_000002",
+                "guided_progress_000002", "guided_progress_000004"}  # the guided phase's steps follow the plain's
     assert expected <= images(out)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]  # the guided phase logs after the plain one
@@ -291,7 +323,8 @@ def test_edit_with_equal_flags_runs_warns_once_and_writes_its_files(tmp_path, ca
     assert "weighs all 7 words equally, so the editing score is the constant 1/7" in warning
     assert "loss.explainability has no effect; weigh the desired words above the others" in warning
     assert math.isfinite(metrics["edit/edit_score_final"]) and metrics["edit/mean_abs_change"] > 0
-    assert {"start", "final", "final_grid", "final_loss", "start_tokens", "final_relevance"} <= images(out)
+    assert {"start", "final", "final_grid", "final_loss", "start_tokens", "final_relevance", "final_progress_000000",
+            "final_progress_000002"} <= images(out)
 
 
 def test_edit_warns_when_the_image_is_stretched(tmp_path, caplog):
@@ -310,7 +343,7 @@ def test_spatial_runs_two_phrases_and_writes_its_files(tmp_path):
                        "{text: a blue square, box: [8, 0, 8, 16]}]")
     assert metrics["status"] == "ok" and metrics["spatial/area_fraction"] == [0.5, 0.5]
     assert all(0 <= f <= 1 for f in metrics["spatial/relevance_in_mask"])
-    assert {"final", "final_grid", "final_loss", "relevance_00", "relevance_01"} <= images(out)
+    assert {"final", "final_grid", "final_loss", "relevance_00", "relevance_01", "final_progress_000002"} <= images(out)
     assert (out / "phrases.csv").is_file()
 
 

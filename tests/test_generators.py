@@ -24,6 +24,7 @@ from explainguide.generators import (
 )
 from explainguide.generators.fft import frequency_scale
 from explainguide.generators.vqgan import VQGAN, read_config
+from explainguide.runtime import ConfigError
 
 CONF = Path(__file__).resolve().parents[1] / "explainguide" / "conf" / "generator"
 
@@ -470,6 +471,17 @@ def test_cutouts_reject_small_sizes_and_bad_masks():
         make_cutouts(torch.rand(1, 3, 64, 64), None, 4, 4)
     with pytest.raises(CutoutError, match="masks have shape"):
         make_cutouts(torch.rand(1, 3, 64, 64), torch.rand(1, 2, 32, 32), 4, 32)
+    with pytest.raises(CutoutError, match=r"min_scale=0.1 gives cutouts of 2 px from a 16x16 image, below the "
+                                          r"minimum 8 px; use min_scale >= 0.5"):
+        make_cutouts(torch.rand(1, 3, 16, 16), None, 4, 32, min_scale=0.1)
+
+
+def test_cutouts_too_small_for_the_generator_size_are_refused_before_any_model_loads(tmp_path, monkeypatch):
+    import explainguide.models
+
+    monkeypatch.setattr(explainguide.models, "load_clip", lambda *a, **k: pytest.fail("a model loaded first"))
+    with pytest.raises(ConfigError, match=r"task.cutouts.min_scale=0.001 gives cutouts of 0 px"):
+        _run_task(tmp_path, "task=generate", "generator.size=16", "task.cutouts.min_scale=0.001")
 
 
 # ---------------------------------------------------------------- the real generators inside the tasks

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from explainguide.generators.base import Generator, GeneratorError
 from explainguide.generators.biggan import BigGANGenerator
-from explainguide.generators.cutouts import CutoutError, make_cutouts
+from explainguide.generators.cutouts import CutoutError, check_cutout_scale, make_cutouts
 from explainguide.generators.fft import FourierGenerator
 from explainguide.generators.pixel import PixelGenerator
 from explainguide.generators.vqgan import VQGANGenerator
@@ -45,5 +45,6 @@ __all__ = [
     "Generator",
     "GeneratorError",
     "build_generator",
+    "check_cutout_scale",
     "make_cutouts",
 ]

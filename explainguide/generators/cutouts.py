@@ -54,6 +54,16 @@ def augment_matrices(angle: Tensor, shift: Tensor, flip: Tensor, cut_size: int) 
     return matrices
 
 
+def check_cutout_scale(size: tuple[int, int], min_scale: float) -> None:
+    """The smallest cutout of an image of `size` (H, W), min_scale·min(H, W), keeps MIN_SIDE pixels a side."""
+    if not 0 < min_scale <= 1:
+        raise CutoutError(f"cutouts.min_scale={min_scale}: give a number in (0, 1]")
+    if round(min_scale * min(size)) < MIN_SIDE:
+        raise CutoutError(f"cutouts.min_scale={min_scale} gives cutouts of {round(min_scale * min(size))} px from a "
+                          f"{size[0]}x{size[1]} image, below the minimum {MIN_SIDE} px; use min_scale >= "
+                          f"{math.ceil(MIN_SIDE / min(size) * 100) / 100:g} or a larger generator.size")
+
+
 def make_cutouts(
     image: Tensor,
     masks: Tensor | None,
@@ -88,12 +98,13 @@ def make_cutouts(
         )
     if masks is not None and (masks.ndim != 4 or masks.shape[0] != 1 or masks.shape[-2:] != image.shape[-2:]):
         raise CutoutError(f"masks have shape {tuple(masks.shape)}; give (1, K, {height}, {width}) to match the image")
-    if n < 1 or not 0 < min_scale <= 1:
-        raise CutoutError(f"n={n}, min_scale={min_scale}: need n >= 1 and 0 < min_scale <= 1")
+    if n < 1:
+        raise CutoutError(f"n={n}: need n >= 1 cutouts")
+    check_cutout_scale((height, width), min_scale)
 
     device = image.device
     max_side = min(height, width)
-    min_side = max(2, round(min_scale * max_side))
+    min_side = round(min_scale * max_side)
     side = (min_side + (max_side - min_side) * _uniform(n, 0, 1, generator, device) ** cut_pow).round()
     origin = torch.stack(
         [_uniform(n, 0, 1, generator, device) * (width - side), _uniform(n, 0, 1, generator, device) * (height - side)],

@@ -37,6 +37,7 @@ from explainguide.tasks.guided import (
     relevance_overlay,
     score_words,
     single_prompt,
+    snapshot_logger,
     word_choice,
 )
 from explainguide.viz import token_strip
@@ -150,7 +151,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
 
     with open_recorder(cfg, ctx, job_type="edit") as recorder:
         trace = optimise(generator, objective, task.steps, task.lr, LAMBDA_KEY, task.snapshot_every, cfg.progress,
-                         desc="edit", log=logger_for(recorder, "edit"))
+                         desc="edit", log=logger_for(recorder, "edit"),
+                         on_snapshot=snapshot_logger(recorder, "final"))
         before, augclip_before, score_before = evaluate(start)
         after, augclip_after, score_after = evaluate(trace.image)
         recorder.image("start", start[0], caption=prompt)

@@ -34,6 +34,7 @@ from explainguide.tasks.guided import (
     relevance_overlay,
     score_words,
     single_prompt,
+    snapshot_logger,
     word_choice,
 )
 from explainguide.tracking import RunRecorder
@@ -112,14 +113,21 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         objective = generation_objective(guide, token_ids, [all_spans[i] for i in chosen], lam if chosen else 0.0,
                                          similarity_weight, task.similarity, task.cutouts, guide.cutout_rng(cfg.seed))
         return optimise(generator.to(guide.device), objective, task.steps, task.lr, LAMBDA_KEY, task.snapshot_every,
-                        cfg.progress, desc=f"generate ({name})", log=logger_for(recorder, f"generate/{name}", offset))
+                        cfg.progress, desc=f"generate ({name})", log=logger_for(recorder, f"generate/{name}", offset),
+                        on_snapshot=snapshot_logger(recorder, name, offset))
 
     def evaluate(trace: Trace) -> tuple[list[float], float]:
         views = eval_views(guide, trace.image, task.cutouts, task.eval_views, cfg.seed)
         return score_words(guide, views, token_ids, all_spans)
 
+    def record_phase(recorder: RunRecorder, trace: Trace, name: str) -> None:
+        record_trace(recorder, trace, name)
+        row = image_relevance(guide, trace.image, token_ids, 0)[0]
+        recorder.image(f"{name}_relevance", relevance_overlay(trace.image, row), caption=prompt)
+
     with open_recorder(cfg, ctx, job_type="generate") as recorder:
         plain = optimise_phase(recorder, [], "plain", offset=0)
+        record_phase(recorder, plain, "plain")
         before, augclip_plain = evaluate(plain)
         chosen = [i for i, weight in enumerate(candidates.weights)
                   if weight != 0 and (not automatic or before[i] < task.neglect_threshold)]
@@ -127,15 +135,10 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
         if guided is None:  # only automatic choice can leave no word: flags and word lists choose at least one
             why = f"{LAMBDA_KEY}={lam}" if chosen else f"no semantic word scored below {task.neglect_threshold}"
             log.info("no guided run: %s", why)
+        else:
+            record_phase(recorder, guided, "guided")
         after, augclip_guided = evaluate(guided) if guided is not None else (before, augclip_plain)
 
-        traces = {"plain": plain, "guided": guided}
-        for name, trace in traces.items():
-            if trace is None:
-                continue
-            record_trace(recorder, trace, name)
-            row = image_relevance(guide, trace.image, token_ids, 0)[0]
-            recorder.image(f"{name}_relevance", relevance_overlay(trace.image, row), caption=prompt)
         recorder.image("final", (guided or plain).image[0], caption=prompt)
         recorder.image("plain_tokens", token_strip(words, before), caption=prompt)
         recorder.image("guided_tokens", token_strip(words, after), caption=prompt)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from explainguide.explain.engine import explain_pairs
 from explainguide.explain.tokens import WordSelection, parse_flags, select_words, tokenize
-from explainguide.generators import Generator, make_cutouts
+from explainguide.generators import CutoutError, Generator, check_cutout_scale, make_cutouts
 from explainguide.guidance import generation_word_scores
 from explainguide.models.loading import ClipBundle
 from explainguide.runtime import ConfigError, NonFiniteLoss, seed_everything
@@ -105,8 +105,14 @@ def load_guide(cfg: DictConfig) -> Guide:
 
 
 def build_generator(cfg: DictConfig) -> Generator:
-    """cfg.generator instantiated (its size checks run here, before any model is loaded)."""
-    return instantiate(cfg.generator)
+    """cfg.generator instantiated; its size checks, and the cutouts' for that size, run before any model loads."""
+    generator = instantiate(cfg.generator)
+    if cfg.task.get("cutouts"):
+        try:
+            check_cutout_scale(generator.size, cfg.task.cutouts.min_scale)
+        except CutoutError as err:
+            raise ConfigError(f"task.{err}") from None
+    return generator
 
 
 def eval_views(guide: Guide, image: torch.Tensor, cutouts: DictConfig, views: int, seed: int) -> torch.Tensor:
@@ -155,11 +161,13 @@ def optimise(
     progress: bool = False,
     desc: str = "guide",
     log: Callable[[dict[str, float], int], None] | None = None,
+    on_snapshot: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Trace:
     """Adam on the generator's trainable latents for `steps` steps of objective(generator()) -> {"loss", ...}.
 
     Every value the objective returns is recorded per step (and passed to `log(values, step)`); the image is
-    snapshotted at step 0 and every `snapshot_every` steps (0: none), and always at the end. A non-finite value
+    snapshotted at the start, every `snapshot_every` steps (0: no others) and at the end, each also passed to
+    `on_snapshot(step, image)` as it is taken (so loggers see steps in order). A non-finite value
     stops the run before its step is taken, naming the step, the terms and `lambda_key` (the task's λ) to lower.
     """
     if steps < 1 or lr <= 0:
@@ -171,8 +179,8 @@ def optimise(
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
         image = generator()
-        if snapshot_every and step % snapshot_every == 0:
-            trace.snapshots.append((step, image.detach().cpu()))
+        if step == 0 or (snapshot_every and step % snapshot_every == 0):
+            _snapshot(trace, step, image, on_snapshot)
         terms = objective(image)
         values = {name: float(value.detach()) for name, value in terms.items()}
         bad = [f"{name}={value}" for name, value in values.items() if not math.isfinite(value)]
@@ -190,15 +198,20 @@ def optimise(
     generator.eval()
     with torch.no_grad():
         trace.image = generator().detach().cpu()
-    trace.snapshots.append((steps, trace.image))
+    _snapshot(trace, steps, trace.image, on_snapshot)
     return trace
 
 
+def _snapshot(trace: Trace, step: int, image: torch.Tensor, on_snapshot) -> None:
+    trace.snapshots.append((step, image.detach().cpu()))
+    if on_snapshot is not None:
+        on_snapshot(step, trace.snapshots[-1][1])
+
+
 def record_trace(recorder: RunRecorder, trace: Trace, name: str) -> None:
-    """Save the final image `name`, every snapshot (`name`_progress at its step), their grid, and the loss curves."""
+    """Save the final image `name`, the grid of its snapshots, and the loss curves (the snapshots themselves are
+    saved as they are taken, by `snapshot_logger`)."""
     recorder.image(name, trace.image[0])
-    for step, snapshot in trace.snapshots:
-        recorder.image(f"{name}_progress", snapshot[0], step=step)
     grid = labelled_grid([snapshot[0] for _, snapshot in trace.snapshots],
                          [f"step {step}" for step, _ in trace.snapshots])
     recorder.image(f"{name}_grid", grid, caption="steps " + ", ".join(str(step) for step, _ in trace.snapshots))
@@ -210,6 +223,11 @@ def record_trace(recorder: RunRecorder, trace: Trace, name: str) -> None:
 def logger_for(recorder: RunRecorder, prefix: str, offset: int = 0) -> Callable[[dict[str, float], int], None]:
     """log(values, step) writing `prefix`/name at step + offset (phases of one run keep steps increasing)."""
     return lambda values, step: recorder.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step + offset)
+
+
+def snapshot_logger(recorder: RunRecorder, name: str, offset: int = 0) -> Callable[[int, torch.Tensor], None]:
+    """on_snapshot(step, image) saving images/`name`_progress_<step + offset>.png, logged at the step it shows."""
+    return lambda step, image: recorder.image(f"{name}_progress", image[0], step=step + offset)
 
 
 def step_timings(task: str, lam: float, steps: int, overrides: Sequence[str] = ("model=toy",)) -> float:

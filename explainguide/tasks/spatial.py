@@ -51,6 +51,7 @@ from explainguide.tasks.guided import (
     logger_for,
     optimise,
     record_trace,
+    snapshot_logger,
 )
 from explainguide.viz import heatmap_overlay
 
@@ -60,6 +61,8 @@ LAMBDA_KEY = "loss.spatial"
 PHRASE_KEYS = ("text", "box", "mask")
 # Below this share of the image a region's λ_i = λ/√area grows large (10x λ at 1 %) and few patches cover it.
 SMALL_AREA = 0.01
+# Above this share the dice term is met by any map: the region conditions (almost) nothing.
+LARGE_AREA = 0.95
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,9 @@ def regions_from_config(cfg: DictConfig, launch_dir: Path) -> list[Region]:
             log.warning("%s covers %.2f %% of the %dx%d image (%d px), so λ_i = %.3g (loss.spatial=%g%s); enlarge "
                         "its box or mask", where, 100 * area, size[1], size[0], int(mask.sum()), region.weight, lam,
                         ", divided by √area" if scale_by_area else "")
+        if area > LARGE_AREA:
+            log.warning("%s covers %.0f %% of the image: any relevance map lies inside it, so the spatial term "
+                        "conditions nothing; give a smaller box or mask", where, 100 * area)
         regions.append(region)
     return regions
 
@@ -230,7 +236,8 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
 
     with open_recorder(cfg, ctx, job_type="spatial") as recorder:
         trace = optimise(generator, objective, task.steps, task.lr, LAMBDA_KEY, task.snapshot_every, cfg.progress,
-                         desc="spatial", log=logger_for(recorder, "spatial"))
+                         desc="spatial", log=logger_for(recorder, "spatial"),
+                         on_snapshot=snapshot_logger(recorder, "final"))
         record_trace(recorder, trace, "final")
         rows = image_relevance(guide, trace.image, token_ids, first_block).cpu()  # (K, 1 + P)
         relevance = spatial_relevance_map(rows, tuple(generator.size))  # (K, 1, H, W)
