@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -14,11 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from explainguide.runtime import RunContext, resolve_user_paths, seed_everything, validate
-from explainguide.tracking import record_failure
+from explainguide.tracking import record_failure, runs_not_ok
 
 log = logging.getLogger("explainguide")
 
@@ -73,8 +75,19 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated("terminated (SIGTERM)")
 
 
-class JobFailed(RuntimeError):
-    """A sweep job failed: raised so that the launcher records it and runs the other jobs; the sweep then exits 1."""
+class SweepOutcome(Callback):
+    """Ends a multirun with exit code 1 when any of its jobs failed, naming them. Failed jobs return normally, so
+    Hydra prints no traceback; their metrics.json says so, wherever the launcher ran them (joblib, SLURM)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self.started = time.time()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        failed = runs_not_ok(Path(config.hydra.sweep.dir), since=self.started)
+        if failed:
+            print(f"error: {len(failed)} job(s) of the sweep did not finish: {', '.join(map(str, failed))} "
+                  "(each one's error is in its metrics.json and app.log)", file=sys.stderr)
+            raise SystemExit(1)
 
 
 def resume_hint(cfg: DictConfig, ctx: RunContext) -> str:
@@ -120,9 +133,9 @@ def main(cfg: DictConfig) -> None:
         record_failure(ctx.output_dir, cause)
         print(f"error: {cause}", file=sys.stderr)
         print(ctx.output_dir)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise JobFailed(f"job {ctx.output_dir} failed: {cause}") from None
-        raise SystemExit(1) from None
+        if HydraConfig.get().mode != RunMode.MULTIRUN:
+            raise SystemExit(1) from None
+        return  # a sweep goes on with its other jobs; SweepOutcome exits 1 at its end
     finally:
         if own_sigterm:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -299,6 +299,19 @@ def record_failure(output_dir: str | Path, err: BaseException) -> None:
         _atomic_write(path, _json_bytes({"status": "failed", "error": _error_line(err)}))
 
 
+def runs_not_ok(root: str | Path, since: float) -> list[Path]:
+    """Run dirs under `root` whose metrics.json, written at or after time `since`, says anything but ok."""
+    not_ok = []
+    for path in sorted(Path(root).rglob("metrics.json")):
+        try:
+            status = json.loads(path.read_text(encoding="utf-8")).get("status")
+        except (OSError, ValueError):
+            status = None
+        if path.stat().st_mtime >= since and status != "ok":
+            not_ok.append(path.parent)
+    return not_ok
+
+
 def _check_wandb_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
     if cfg is None:
         return None

@@ -130,7 +130,10 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
                   multirun=True)
     assert out.returncode == 1
     assert [line for line in out.stderr.splitlines() if line.startswith("error: ")] == [
-        "error: empty prompt '' in task.text/prompts_file; give non-empty text"]
+        "error: empty prompt '' in task.text/prompts_file; give non-empty text",
+        f"error: 1 job(s) of the sweep did not finish: {tmp_path / 'sweep' / '0'} (each one's error is in its "
+        "metrics.json and app.log)"]
+    assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
     status = {job: json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["status"] for job in "01"}
     assert status == {"0": "failed", "1": "ok"}
 

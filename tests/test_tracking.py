@@ -13,7 +13,7 @@ import torch
 import wandb
 from PIL import Image
 
-from explainguide.tracking import RunRecorder
+from explainguide.tracking import RunRecorder, runs_not_ok
 
 CONFIG = {"model": {"name": "tiny"}, "seed": 0, "lr": 1e-3}
 
@@ -219,3 +219,15 @@ def test_image_from_chw_float_tensor(tmp_path):
 def test_bad_arguments_fail_early(tmp_path, kwargs, error):
     with pytest.raises(error):
         RunRecorder(tmp_path, **{"config": CONFIG, **kwargs})
+
+
+def test_runs_not_ok_are_those_written_since_a_time_that_say_anything_but_ok(tmp_path):
+    import os
+    import time
+
+    for name, status in (("old_failure", "failed"), ("ok", "ok"), ("failed", "failed"), ("killed", "running")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps({"status": status}))
+    since = time.time() - 10
+    os.utime(tmp_path / "old_failure" / "metrics.json", (since - 100, since - 100))  # an earlier sweep's
+    assert runs_not_ok(tmp_path, since) == [tmp_path / "failed", tmp_path / "killed"]
