@@ -289,27 +289,39 @@ class RunRecorder:
         return "\n".join(lines) + "\n"
 
 
+REFUSED_FILE = "refused.json"  # a failed later attempt in a folder that holds a finished run
+
+
 def record_failure(output_dir: str | Path, err: BaseException) -> None:
-    """metrics.json {"status": "failed", "error": ...} for a run that failed before its recorder opened (a config
-    error, unreadable data), so sweeps and tables show the job as failed, not unfinished. A metrics.json already
-    there (the recorder's own, or a finished earlier run's) is kept."""
+    """Mark the run in `output_dir` failed with `err`'s line, e.g. when it failed before its recorder opened (a
+    config error, unreadable data), so sweeps and tables show it as failed, not unfinished. A finished earlier
+    run's record (status ok) is kept: this attempt's error goes to REFUSED_FILE beside it, where `runs_not_ok`
+    still finds it. Any other record (the recorder's own, an earlier failure) is updated in place."""
     path = Path(output_dir) / "metrics.json"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, _json_bytes({"status": "failed", "error": _error_line(err)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = _read_record(path)
+    if record.get("status") == "ok":
+        _atomic_write(path.with_name(REFUSED_FILE), _json_bytes({"error": _error_line(err)}))
+    else:
+        _atomic_write(path, _json_bytes({**record, "status": "failed", "error": _error_line(err)}))
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def runs_not_ok(root: str | Path, since: float) -> list[Path]:
-    """Run dirs under `root` whose metrics.json, written at or after time `since`, says anything but ok."""
-    not_ok = []
-    for path in sorted(Path(root).rglob("metrics.json")):
-        try:
-            status = json.loads(path.read_text(encoding="utf-8")).get("status")
-        except (OSError, ValueError):
-            status = None
-        if path.stat().st_mtime >= since and status != "ok":
-            not_ok.append(path.parent)
-    return not_ok
+    """Run dirs under `root` whose attempt at or after time `since` did not finish: a metrics.json written since
+    then that says anything but ok, or a REFUSED_FILE written since then."""
+    root = Path(root)
+    failed = {path.parent for path in root.rglob("metrics.json")
+              if path.stat().st_mtime >= since and _read_record(path).get("status") != "ok"}
+    failed |= {path.parent for path in root.rglob(REFUSED_FILE) if path.stat().st_mtime >= since}
+    return sorted(failed)
 
 
 def _check_wandb_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:

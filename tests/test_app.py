@@ -136,6 +136,9 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
     assert "Traceback" not in out.stderr and "HYDRA_FULL_ERROR" not in out.stderr
     status = {job: json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["status"] for job in "01"}
     assert status == {"0": "failed", "1": "ok"}
+    rerun = run_cli(tmp_path, "task=explain", "model=toy_random", "debug=default", 'task.text="",a red circle',
+                    multirun=True)  # the same sweep again: the job fails again, so the sweep does too
+    assert rerun.returncode == 1 and "1 job(s) of the sweep did not finish" in rerun.stderr
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import torch
 import wandb
 from PIL import Image
 
-from explainguide.tracking import RunRecorder, runs_not_ok
+from explainguide.tracking import REFUSED_FILE, RunRecorder, record_failure, runs_not_ok
 
 CONFIG = {"model": {"name": "tiny"}, "seed": 0, "lr": 1e-3}
 
@@ -231,3 +231,18 @@ def test_runs_not_ok_are_those_written_since_a_time_that_say_anything_but_ok(tmp
     since = time.time() - 10
     os.utime(tmp_path / "old_failure" / "metrics.json", (since - 100, since - 100))  # an earlier sweep's
     assert runs_not_ok(tmp_path, since) == [tmp_path / "failed", tmp_path / "killed"]
+
+
+def test_a_failure_updates_an_earlier_failure_but_keeps_a_finished_record(tmp_path):
+    import time
+
+    since = time.time() - 1
+    for name, record in (("failed_before", {"status": "failed", "error": "old"}), ("finished", {"status": "ok",
+                                                                                                  "test/acc1": 0.9})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.json").write_text(json.dumps(record))
+        record_failure(tmp_path / name, ValueError("new"))
+    assert read_json(tmp_path / "failed_before" / "metrics.json") == {"status": "failed", "error": "ValueError: new"}
+    assert read_json(tmp_path / "finished" / "metrics.json") == {"status": "ok", "test/acc1": 0.9}
+    assert read_json(tmp_path / "finished" / REFUSED_FILE) == {"error": "ValueError: new"}
+    assert runs_not_ok(tmp_path, since) == [tmp_path / "failed_before", tmp_path / "finished"]
