@@ -114,3 +114,18 @@ def rule_violations(cfg: DictConfig, rules: dict[str, Rule] = RULES) -> list[str
         if node is not _ABSENT and not rule.admits(node):
             problems.append(f"{key}={node!r}: give {rule.describe()}")
     return problems
+
+
+# Tasks whose inputs follow the model's dtype; the others feed it fp32 features or images (prompt learning runs
+# under autocast with a GradScaler on CUDA instead).
+LOW_PRECISION_TASKS = ("explain",)
+
+
+def precision_problem(cfg: DictConfig) -> str | None:
+    """The line for a model.precision other than fp32 on a task that computes in fp32, else None."""
+    precision = OmegaConf.select(cfg, "model.precision", default="fp32")
+    task = OmegaConf.select(cfg, "task.name")
+    if precision != "fp32" and task not in LOW_PRECISION_TASKS:
+        return (f"model.precision={precision!r} works with task={'|'.join(LOW_PRECISION_TASKS)} only; task={task} "
+                "computes in fp32 (prompt learning: task.amp=true on CUDA): use model.precision=fp32")
+    return None

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from explainguide.config_rules import rule_violations
+from explainguide.config_rules import precision_problem, rule_violations
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (no default); add "
                           + " ".join(f"{key}=<value>" for key in missing) + " (the config group's comments say what)")
-    problems = rule_violations(cfg)
+    problems = rule_violations(cfg) + [line for line in [precision_problem(cfg)] if line]
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
 

@@ -131,7 +131,13 @@ def jobs_from_wandb(group: str, project: str, entity: str | None) -> tuple[list[
     import wandb
 
     path = f"{entity}/{project}" if entity else project
-    runs = wandb.Api().runs(path, filters={"group": group})
+    try:
+        runs = list(wandb.Api(timeout=30).runs(path, filters={"group": group}))
+    except Exception as err:  # no login, no network, unknown project: wandb raises many types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SystemExit(f"could not read W&B group {group!r} of {path!r} ({type(err).__name__}: {first}); run "
+                         "`wandb login` on a machine with network and check --wandb-project/--wandb-entity, or "
+                         "give the sweep dir instead") from None
     return [Job(dict(run.config), WANDB_STATES.get(run.state, run.state), dict(run.summary._json_dict), run.url)
             for run in runs], []
 

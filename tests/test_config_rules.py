@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from explainguide.config_rules import RULES, Rule, rule_violations
+from explainguide.config_rules import RULES, Rule, precision_problem, rule_violations
 from explainguide.runtime import ConfigError, validate
 
 TASKS = ["zero_shot", "explain", "prompt_learning", "evaluate", "generate", "edit", "spatial"]
@@ -61,3 +61,14 @@ def test_several_bad_values_are_named_in_one_line():
     with pytest.raises(ConfigError, match=r"^task.steps=0: give an integer >= 1; task.lr=nan: give a finite number "
                                           r"> 0 and <= 1e\+06$"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("task, precision, refused", [("zero_shot", "fp16", True), ("prompt_learning", "bf16", True),
+                                                      ("generate", "fp16", True), ("explain", "fp16", False),
+                                                      ("zero_shot", "fp32", False)])
+def test_low_precision_is_refused_where_the_task_computes_in_fp32(task, precision, refused):
+    cfg = OmegaConf.create({"task": {"name": task}, "model": {"precision": precision}})
+    problem = precision_problem(cfg)
+    assert (problem is not None) == refused
+    if refused:
+        assert problem.startswith(f"model.precision='{precision}' works with task=explain only; task={task}")

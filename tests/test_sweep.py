@@ -221,3 +221,16 @@ def test_slurm_launcher_takes_cluster_values_from_conf_local(tmp_path):
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.account, launcher.gpus_per_node) == ("my_gpu_partition", "my_lab", 1)
     assert compose_hydra("experiment=coop_shapes", "hydra/launcher=slurm").hydra.launcher.partition is None
+
+
+def test_a_wandb_group_that_cannot_be_read_is_one_line(monkeypatch):
+    import wandb
+
+    def no_login(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured.\nmore text")
+
+    monkeypatch.setattr(wandb, "Api", no_login)
+    with pytest.raises(SystemExit, match=r"could not read W&B group 'g' of 'explainguide' \(UsageError: No API key "
+                                         r"configured.\); run `wandb login`") as exit_info:
+        make_table.main(["--wandb-group", "g"])
+    assert "\n" not in str(exit_info.value)
