@@ -149,6 +149,7 @@ def test_a_failed_sweep_job_is_recorded_and_the_others_still_run(tmp_path):
         (["loss.explainability=-1"], "loss.explainability=-1"),
         (["task.image_first_block=4"], "first_block=4 is outside the image tower's 4 blocks"),
         (["task.text=[\"  \"]"], "empty prompt"),
+        (["task.target=bogus"], "task.target='bogus': use one of ['cosine', 'scaled']"),
         (["task.image=no_such_dir"], "no_such_dir"),
     ],
 )

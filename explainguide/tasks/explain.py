@@ -9,11 +9,11 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from explainguide.explain.capture import RelevanceNotSupported, image_blocks
-from explainguide.explain.engine import explain_pairs
+from explainguide.explain.engine import TARGETS, explain_pairs
 from explainguide.explain.scores import word_token_relevance
 from explainguide.explain.tokens import tokenize, word_spans
 from explainguide.images import EXAMPLE_IMAGE, EXAMPLE_PROMPTS, list_images, load_image
-from explainguide.runtime import RunContext
+from explainguide.runtime import ConfigError, RunContext
 from explainguide.tasks.common import open_recorder, prompts_from_config
 from explainguide.viz import heatmap_overlay, token_strip
 
@@ -31,6 +31,8 @@ def _image_relevance_supported(model) -> bool:
 
 def run(cfg: DictConfig, ctx: RunContext) -> dict:
     task = cfg.task
+    if task.target not in TARGETS:  # before any model or image is loaded
+        raise ConfigError(f"task.target={task.target!r}: use one of {sorted(TARGETS)}")
     given = task.text is not None or task.prompts_file
     prompts = prompts_from_config(task.text, task.prompts_file) if given else list(EXAMPLE_PROMPTS)
     paths = list_images(task.image) if task.image else [EXAMPLE_IMAGE]
