@@ -59,7 +59,9 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(f"{', '.join(missing)} must be set (no default); add "
                           + " ".join(f"{key}=<value>" for key in missing) + " (the config group's comments say what)")
-    problems = rule_violations(cfg) + [line for line in [precision_problem(cfg)] if line]
+    problems = rule_violations(cfg)
+    if problem := precision_problem(cfg):
+        problems.append(problem)
     if problems:
         raise ConfigError("; ".join(problems) if len(problems) > 1 else problems[0])
 

@@ -7,6 +7,7 @@ Everything a task needs from a model travels in one `ClipBundle`, so tasks never
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -105,15 +106,22 @@ class _DropMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
-def _architecture(name: str) -> torch.nn.Module:
-    """open_clip's `name` with fresh weights that the caller replaces: open_clip's "initialized randomly" warning
-    (logged on the root logger) would mislead, so it is dropped here and only here."""
-    quiet, root = _DropMessages("No pretrained weights loaded"), logging.getLogger()
+@contextmanager
+def _root_messages_dropped(prefix: str):
+    """open_clip logs on the root logger; drop its records starting with `prefix` for the duration."""
+    quiet, root = _DropMessages(prefix), logging.getLogger()
     root.addFilter(quiet)
     try:
-        return open_clip.create_model(name, pretrained=None)
+        yield
     finally:
         root.removeFilter(quiet)
+
+
+def _architecture(name: str) -> torch.nn.Module:
+    """open_clip's `name` with fresh weights that the caller replaces: open_clip's "initialized randomly" warning
+    would mislead, so it is dropped here and only here."""
+    with _root_messages_dropped("No pretrained weights loaded"):
+        return open_clip.create_model(name, pretrained=None)
 
 
 def _model_from_checkpoint(name: str | None, checkpoint: Path) -> torch.nn.Module:
@@ -149,11 +157,9 @@ def _model_from_checkpoint(name: str | None, checkpoint: Path) -> torch.nn.Modul
 
 def _model_from_tag(name: str, pretrained: str, cache_dir: str | None) -> torch.nn.Module:
     reason = offline_reason()
-    # open_clip logs its own download failure on the root logger; the error below says it once, with the fix.
-    quiet, root = _DropMessages("Failed to download weights"), logging.getLogger()
-    root.addFilter(quiet)
     try:
-        with hub_requests_off(reason is not None):
+        # open_clip logs its own download failure; the error below says it once, with the fix.
+        with hub_requests_off(reason is not None), _root_messages_dropped("Failed to download weights"):
             return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir)
     except Exception as err:  # offline hub errors come in many types
         where = cache_dir or "the Hugging Face / open_clip default cache (~/.cache)"
@@ -163,8 +169,6 @@ def _model_from_tag(name: str, pretrained: str, cache_dir: str | None) -> torch.
             f"could not load pretrained weights {name}/{pretrained}: {why} -- download them once on a machine "
             "with network (they are cached), or point model.checkpoint at a local .safetensors/.pt file"
         ) from err
-    finally:
-        root.removeFilter(quiet)
 
 
 def load_clip(

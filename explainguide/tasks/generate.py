@@ -17,7 +17,7 @@ from explainguide.explain.engine import explain_pairs
 from explainguide.explain.tokens import token_spans
 from explainguide.generators import Generator, make_cutouts
 from explainguide.guidance import generation_term, similarity_loss
-from explainguide.runtime import ConfigError, RunContext
+from explainguide.runtime import RunContext
 from explainguide.tasks.common import open_recorder
 from explainguide.tasks.guided import (
     Guide,
@@ -97,8 +97,6 @@ def run(cfg: DictConfig, ctx: RunContext) -> dict:
     task = cfg.task
     prompt = single_prompt(task.text)
     lam, similarity_weight = float(cfg.loss.explainability), float(cfg.loss.similarity)
-    if not 0 <= task.neglect_threshold <= 1:
-        raise ConfigError(f"task.neglect_threshold={task.neglect_threshold} is outside [0, 1]; the reference uses 0.7")
     check_word_flags(task.word_mode, task.words)
     plain_generator = build_generator(cfg)
     guide = load_guide(cfg)
